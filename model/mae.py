@@ -75,7 +75,7 @@ class PatchEmbed(nn.Module):
 class EncodeOutput:
     """Encoder tokens after the final norm. `patches` are in raster order; `patch_indices` says which."""
 
-    cls: torch.Tensor  # (N, D)
+    cls: torch.Tensor | None  # (N, D); None for a model without a CLS token
     patches: torch.Tensor  # (N, K, D)
     patch_indices: torch.Tensor  # (N, K) raster indices, ascending
     grid: tuple[int, int]
@@ -103,6 +103,8 @@ class ReconstructOutput:
 
 class MAE(nn.Module):
     """Masked Autoencoder with a ViT backbone."""
+
+    family = "mae"  # the architecture family, as /v1/models reports it
 
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
