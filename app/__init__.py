@@ -1,0 +1,1 @@
+"""The web service: HTTP in, model entry points out. Knows the model only through model/'s API."""

@@ -1,0 +1,111 @@
+"""Read a request into (image bytes, body fields), whichever of the three input forms it uses.
+
+- multipart/form-data: one or more `image` file fields, parameters as other fields;
+- a raw body with Content-Type image/png, image/jpeg or image/webp;
+- application/json: {"image": "<base64>"} or {"images": ["<base64>", ...]} plus parameter fields.
+The body size cap is enforced while reading by `BodyLimitMiddleware` (app/main.py), so nothing here can be
+made to buffer more than `max_body_bytes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from app.schemas import APIError
+from app.settings import Settings
+
+RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
+
+
+async def read_inputs(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = settings.max_images_per_request
+    if ctype == "multipart/form-data":
+        images, fields = await _read_multipart(request, settings)
+    elif ctype in RAW_IMAGE_TYPES:
+        images, fields = [await request.body()], {}
+    elif ctype == "application/json":
+        images, fields = await _read_json(request)
+    elif not ctype:
+        raise APIError(
+            415,
+            "missing_content_type",
+            "missing Content-Type: send multipart/form-data, image/png|jpeg|webp or application/json",
+        )
+    else:
+        raise APIError(
+            415,
+            "unsupported_type",
+            f"unsupported Content-Type {ctype!r}: send multipart/form-data, image/png|jpeg|webp or application/json",
+        )
+    if not images:
+        raise APIError(
+            400,
+            "no_image",
+            "no image in the request (multipart field 'image', a raw image body, or JSON 'image'/'images')",
+        )
+    if len(images) > limit:
+        raise APIError(413, "too_many_images", f"{len(images)} images in one request; the limit is {limit}")
+    return images, fields
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        form = await request.form(
+            max_files=settings.max_images_per_request + 1,
+            max_fields=64,
+            max_part_size=settings.max_body_bytes,
+        )
+    except APIError:
+        raise
+    except Exception as e:  # malformed multipart, too many parts
+        raise APIError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from None
+    try:
+        images: list[bytes] = []
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise APIError(422, "bad_parameter", f"unexpected file field {key!r}; images go in 'image'")
+                images.append(await value.read())
+            elif key == "image":
+                raise APIError(422, "bad_parameter", "the 'image' field must be a file upload")
+            elif key in fields:
+                raise APIError(422, "bad_parameter", f"form field {key!r} given more than once")
+            else:
+                fields[key] = value
+        return images, fields
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, "bad_json", f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "bad_json", "the JSON body must be an object")
+    if "image" in body and "images" in body:
+        raise APIError(422, "bad_parameter", "give either 'image' or 'images', not both")
+    raw = body.pop("images", None)
+    if raw is None:
+        single = body.pop("image", None)
+        raw = [] if single is None else [single]
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise APIError(422, "bad_parameter", "'images' must be a list of base64 strings")
+    images = []
+    for i, s in enumerate(raw):
+        if s.startswith("data:") and "," in s:  # accept data URLs, as browsers make them
+            s = s.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise APIError(400, "bad_base64", f"image {i} is not valid base64") from None
+    return images, body

@@ -1,0 +1,287 @@
+"""The application: create_app() wires settings, models, engine and routes; `mae-serve` runs it.
+
+Startup (lifespan): load every model, move it to its device and dtype, warm up, then report ready. Loading
+happens after the server starts listening, so /healthz answers and /readyz says 503 meanwhile. A load failure
+ends the process with exit code 1 and one line naming the problem. On SIGTERM /readyz turns 503 at once,
+in-flight requests finish (up to MAE_SHUTDOWN_TIMEOUT_S), then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.deps import AppState
+from app.engine import Engine
+from app.registry import ModelLoadError, Registry
+from app.routes import embed, health, models, reconstruct
+from app.schemas import APIError
+from app.settings import Settings
+from model.masking import Masking, len_keep_for_ratio, random_noise
+
+log = logging.getLogger("mae.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+class BodyLimitMiddleware:
+    """Refuse bodies over the cap: at once from Content-Length, else while counting the bytes read (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    err = APIError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+                    return await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(
+                        scope, receive, send
+                    )
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise APIError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+class MetricsMiddleware:
+    """Requests by route template and status, and their latency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_wrapper(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics.REQUESTS.labels(path, str(status)).inc()
+            metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- startup
+def warm_up(engine: Engine, registry: Registry, max_batch: int) -> None:
+    """Run every shape the server will run first: batch 1 and a small batch, embed and reconstruct."""
+    for entry in registry.entries.values():
+        c = entry.config
+        n = c.num_patches
+        for b in sorted({1, min(max_batch, 4)}):
+            images = torch.rand(b, c.in_chans if hasattr(c, "in_chans") else 3, c.img_size, c.img_size)
+            engine.run_sync(entry, "embed", images, None)
+            if c.has_decoder:
+                masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))
+                engine.run_sync(entry, "reconstruct", images, masking)
+
+
+async def load_models(app: FastAPI) -> None:
+    state: AppState = app.state.mae
+    s = state.settings
+    t0 = time.perf_counter()
+    try:
+        registry = await asyncio.to_thread(Registry.from_settings, s)
+    except (ModelLoadError, ValueError) as e:
+        state.startup_error = str(e)
+        raise
+    engine = Engine(registry, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue)
+    if s.warmup:
+        await asyncio.to_thread(warm_up, engine, registry, s.max_batch_size)
+    engine.start()
+    state.registry, state.engine = registry, engine
+    state.ready = True
+    log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
+
+
+def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> FastAPI:
+    """The ASGI app. With load_in_background=False the lifespan loads before serving (tests)."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: AppState = app.state.mae
+        state.io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="mae-io")
+        task = None
+        if load_in_background:
+            task = asyncio.create_task(load_models(app))
+            task.add_done_callback(lambda t: _on_loaded(app, t))
+        else:
+            await load_models(app)
+        try:
+            yield
+        finally:
+            state.ready, state.draining = False, True
+            if task and not task.done():
+                task.cancel()
+            if state.engine:
+                await state.engine.close(settings.shutdown_timeout_s)
+            state.io_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="mae-serve",
+        version="0.1.0",
+        summary="Masked Autoencoder reconstructions and embeddings over HTTP",
+        lifespan=lifespan,
+    )
+    app.state.mae = AppState(settings=settings)
+    app.include_router(health.router)
+    app.include_router(reconstruct.router)
+    app.include_router(embed.router)
+    app.include_router(models.router)
+    _add_error_handlers(app)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["*"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    if (STATIC / "index.html").exists():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _on_loaded(app: FastAPI, task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    state: AppState = app.state.mae
+    e = task.exception()
+    msg = state.startup_error or f"{type(e).__name__}: {e}"
+    log.error("startup failed: %s", msg)
+    server = app.state.mae.extra.get("server")
+    if server is not None:
+        server.should_exit = True
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def answer(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, e: APIError) -> JSONResponse:
+        return answer(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body")) or "request"
+        return answer(APIError(422, "bad_parameter", f"{where}: {first.get('msg', 'invalid')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return answer(APIError(e.status_code, code, str(e.detail), dict(e.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return answer(APIError(500, "internal_error", "internal error; see the server log"))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+class _Server(uvicorn.Server):
+    """uvicorn, but a shutdown signal first marks the app draining so /readyz answers 503 at once."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.mae_state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.mae_state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="mae-serve",
+        description="Serve a Masked Autoencoder over HTTP. Every "
+        "option is also an environment variable MAE_<NAME>; see the README.",
+    )
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--weights", help="a weights path, or name=path,name2=path2")
+    ap.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    ap.add_argument("--max-batch-size", type=int)
+    ap.add_argument("--max-wait-ms", type=float)
+    ap.add_argument("--log-level")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+        settings.weight_specs()
+    except ValueError as e:
+        print(f"mae-serve: bad setting: {e}".splitlines()[0], file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        server_header=False,
+    )
+    server = _Server(config, app.state.mae)
+    app.state.mae.extra["server"] = server
+    server.run()
+    if app.state.mae.startup_error:
+        print(f"mae-serve: {app.state.mae.startup_error}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,31 @@
+"""Liveness, readiness and metrics. Open to everyone (no API key): orchestrators and scrapers call them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import AppState, get_state
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Alive: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Ready: weights loaded and warmed up, not draining")
+async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Response:
+    if state.ready and not state.draining:
+        return JSONResponse({"status": "ready", "models": list(state.registry.entries) if state.registry else []})
+    status = "draining" if state.draining else "loading"
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

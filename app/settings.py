@@ -1,0 +1,77 @@
+"""Every knob of the service, from the environment (prefix MAE_) or the mae-serve command line."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "mae_demo.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAE_", extra="ignore")
+
+    # --- where and what
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    weights: str = Field("", description="one path, or name=path,name2=path2; empty = the bundled demo model")
+    device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    warmup: bool = True
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
+
+    # --- batching engine
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a partial batch waits for company")
+    max_queue: int = Field(256, ge=1, description="images waiting for the model; beyond this: 503 Retry-After")
+    io_threads: int = Field(4, ge=1, le=64, description="threads decoding and encoding images")
+
+    # --- limits on input
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap, counted while reading")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height cap, checked before decoding")
+    max_images_per_request: int = Field(16, ge=1)
+
+    # --- security and lifecycle
+    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
+    shutdown_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 overload answers")
+    log_level: str = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @cached_property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def weight_specs(self) -> list[tuple[str, str]]:
+        """[(model name, path)]. A single unnamed path is named after its file."""
+        spec = self.weights.strip()
+        if not spec:
+            return [("mae-demo", str(BUNDLED_WEIGHTS))]
+        out: list[tuple[str, str]] = []
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            name, sep, path = part.partition("=")
+            if not sep:
+                name, path = Path(part).stem or "default", part
+            name, path = name.strip(), path.strip()
+            if not name or not path:
+                raise ValueError(f"bad MAE_WEIGHTS entry {part!r}: expected name=path")
+            if name in {n for n, _ in out}:
+                raise ValueError(f"MAE_WEIGHTS names model {name!r} twice")
+            out.append((name, path))
+        return out
