@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny MAEs whose every parameter is random, so no check passes by zero biases or unit norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from model.config import MAEConfig, get_config
+from model.mae import MAE
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Fill every parameter (not the fixed position tables) with seeded noise of a sensible scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)  # LayerNorm gains around 1
+            elif p.ndim >= 2 and not name.endswith("token"):
+                p.copy_(noise / p.shape[-1] ** 0.5 if p.ndim == 2 else noise * 0.05)
+            else:
+                p.copy_(0.1 * noise)
+    return module
+
+
+@pytest.fixture(scope="session")
+def randomize() -> Callable[[nn.Module, int], nn.Module]:
+    """randomize_ as a fixture, for test modules that build other models (e.g. Hugging Face's)."""
+    return randomize_
+
+
+@pytest.fixture
+def make_mae() -> Callable[..., MAE]:
+    """make_mae(config=None, seed=0, **changes): an eval-mode MAE (default: mae_test) with random weights."""
+
+    def make(config: MAEConfig | None = None, seed: int = 0, **changes: object) -> MAE:
+        config = (config or get_config("mae_test")).replace(**changes)
+        torch.manual_seed(seed)
+        return randomize_(MAE(config), seed).eval()
+
+    return make
