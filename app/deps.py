@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,9 +56,17 @@ def require_api_key(request: Request) -> None:
         raise APIError(
             401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
         )
-    # Compare against every key, always, so the time taken does not reveal which key or prefix matched.
+    # Compare against every key, always, so the time taken does not reveal which key or prefix matched; compare
+    # digests, so it does not reveal a key's length either (compare_digest returns early on unequal lengths).
+    given = hashlib.sha256(token.encode()).digest()
     ok = False
     for k in keys:
-        ok |= hmac.compare_digest(token.encode(), k.encode())
+        ok |= hmac.compare_digest(given, hashlib.sha256(k.encode()).digest())
     if not ok:
         raise APIError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": "Bearer"})
+
+
+def require_metrics_key(request: Request) -> None:
+    """/metrics is open (scrapers) unless MAE_METRICS_REQUIRE_KEY=true, then it takes the /v1 API keys."""
+    if get_state(request).settings.metrics_require_key:
+        require_api_key(request)

@@ -146,7 +146,10 @@ class Engine:
                         self._executor, self._compute, first.entry, first.op, images, masking
                     )
                 except Exception as e:  # answer every item; the engine itself keeps running
-                    log.exception("batch of %d failed", len(batch))
+                    if isinstance(e, EngineError):  # expected (out of memory even at batch 1): no traceback
+                        log.warning("batch of %d refused: %s", len(batch), e)
+                    else:
+                        log.exception("batch of %d failed", len(batch))
                     err = e if isinstance(e, EngineError) else ComputeFailed(f"{type(e).__name__}: {e}")
                     for it in batch:
                         if not it.future.done():

@@ -1,8 +1,8 @@
 """Bytes -> pixels -> bytes. Decode with limits first, preprocess like the official demo, encode PNGs.
 
 Policy for unusual images (documented in the README):
-- formats: PNG, JPEG, WebP, single frame only (animated PNG/WebP refused), sniffed from the bytes, not the
-  declared type;
+- formats: PNG, JPEG, WebP, single frame only (animated PNG/WebP refused; of a multi-picture JPEG only the first
+  picture is read), sniffed from the bytes, not the declared type;
 - width x height is checked against the pixel cap from the header, before any pixel is decoded;
 - greyscale, palette, CMYK and 16-bit images are converted to 8-bit RGB; alpha is composited onto white.
 """
@@ -46,8 +46,14 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> an RGB PIL image, or ImageError (400 undecodable, 413 too many pixels, 415 unsupported)."""
+def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Bytes -> an RGB PIL image, or ImageError (400 undecodable, 413 too many pixels, 415 unsupported).
+
+    min_side: the caller only needs an image whose sides are both at least this long (it resizes to the model's
+    input next). A JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= min_side
+    (libjpeg's scaled decoding, Pillow's `draft`): a 1024 x 683 photo for a 224 model decodes at 512 x 342, about
+    2x faster to decode and 3x faster to resize, and the bicubic resize that follows sees the same detail.
+    """
     if not data:
         raise ImageError(400, "empty_image", "the image is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -62,8 +68,12 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(400, "undecodable", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(413, "too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-    if getattr(im, "n_frames", 1) > 1:
+    # A JPEG with several pictures (MPO: the gain map of an "Ultra HDR" phone photo, a stereo pair) is no animation:
+    # its first picture is the photo, and only that one is ever decoded.
+    if getattr(im, "n_frames", 1) > 1 and fmt != "JPEG":
         raise ImageError(415, "animated", "animated images are not supported: send a single frame")
+    if min_side and fmt == "JPEG":
+        im.draft(None, (min_side, min_side))
     try:
         im.load()
         return to_rgb(im)
@@ -77,12 +87,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: Pillow's convert("RGB") would clip at 255; scale to 8 bits instead.
-        a = np.asarray(im, dtype=np.uint32)
-        a = (a >> 8) if a.max() > 255 else a
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+        # 16-bit greyscale (the only source of these modes among PNG/JPEG/WebP): Pillow's convert("RGB") would
+        # clip at 255; scale 0..65535 to 0..255 instead, whatever the values (a dark image stays dark).
+        a = np.asarray(im)
+        if a.dtype.kind != "u":  # mode I: int32
+            a = a.clip(0, 65535)
+        return Image.fromarray((a >> 8).astype(np.uint8), "L").convert("RGB")
     if im.mode == "P":
-        im = im.convert("RGBA")
+        # Only a palette with a transparent entry needs the alpha path (it costs two more full-size copies).
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGBa"):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -65,6 +65,9 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
     except APIError:
         raise
     except Exception as e:  # malformed multipart, too many parts
+        if "too many files" in str(e).lower():  # Starlette stopped at max_files: the documented 413, not a 400
+            limit = settings.max_images_per_request
+            raise APIError(413, "too_many_images", f"more than {limit} images in one request") from None
         raise APIError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from None
     try:
         images: list[bytes] = []
@@ -88,7 +91,9 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
 async def _read_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:  # deeply nested arrays/objects: the decoder recurses once per level
+        raise APIError(400, "bad_json", "the JSON body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers over Python's 4300-digit limit
         raise APIError(400, "bad_json", f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "bad_json", "the JSON body must be an object")

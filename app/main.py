@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
@@ -71,7 +73,10 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise APIError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+                    # Connection: close, so the server stops reading there; else uvicorn would read and discard the
+                    # rest of the body, however long, to keep the connection alive.
+                    why = f"request body over {self.max_bytes} bytes"
+                    raise APIError(413, "body_too_large", why, {"Connection": "close"})
             return msg
 
         await self.app(scope, limited, send)
@@ -103,6 +108,15 @@ class MetricsMiddleware:
             metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """The web page's files, revalidated (ETag) on every load, so an upgrade never leaves a page half stale."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 # ---------------------------------------------------------------------------------------------- startup
 def warm_up(engine: Engine, registry: Registry, max_batch: int) -> None:
     """Run every shape the server will run first: batch 1 and a small batch, embed and reconstruct."""
@@ -117,12 +131,28 @@ def warm_up(engine: Engine, registry: Registry, max_batch: int) -> None:
                 engine.run_sync(entry, "reconstruct", images, masking)
 
 
+def check_pins(registry: Registry, pins: dict[str | None, str]) -> None:
+    """MAE_WEIGHTS_SHA256: a weights file whose sha256 differs from its pin (tampered, truncated, swapped) stops
+    the start. The sha256 is the one the registry computed over the file it loaded."""
+    if None in pins and len(registry.entries) > 1:
+        raise ModelLoadError("MAE_WEIGHTS_SHA256 has an unnamed pin but several models are loaded: name=sha256,...")
+    for name in pins.keys() - set(registry.entries) - {None}:
+        raise ModelLoadError(f"MAE_WEIGHTS_SHA256 pins model {name!r}, which MAE_WEIGHTS does not load")
+    for name, entry in registry.entries.items():
+        want = pins.get(name) or pins.get(None)
+        if want and entry.sha256 != want:
+            raise ModelLoadError(
+                f"model {name!r}: {entry.path} has sha256 {entry.sha256}, but MAE_WEIGHTS_SHA256 expects {want}"
+            )
+
+
 async def load_models(app: FastAPI) -> None:
     state: AppState = app.state.mae
     s = state.settings
     t0 = time.perf_counter()
     try:
         registry = await asyncio.to_thread(Registry.from_settings, s)
+        check_pins(registry, s.weight_pins())
     except (ModelLoadError, ValueError) as e:
         state.startup_error = str(e)
         raise
@@ -184,11 +214,11 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     if (STATIC / "index.html").exists():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        app.mount("/static", RevalidatedStaticFiles(directory=STATIC), name="static")
 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     return app
 
@@ -198,8 +228,9 @@ def _on_loaded(app: FastAPI, task: asyncio.Task) -> None:
         return
     state: AppState = app.state.mae
     e = task.exception()
-    msg = state.startup_error or f"{type(e).__name__}: {e}"
-    log.error("startup failed: %s", msg)
+    msg = state.startup_error = state.startup_error or f"{type(e).__name__}: {e}"
+    if not state.extra.get("cli"):  # mae-serve prints it itself, as its one line on stderr, on the way out
+        log.error("startup failed: %s", msg)
     server = app.state.mae.extra.get("server")
     if server is not None:
         server.should_exit = True
@@ -262,6 +293,7 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**overrides)
         settings.weight_specs()
+        settings.weight_pins()
     except ValueError as e:
         print(f"mae-serve: bad setting: {e}".splitlines()[0], file=sys.stderr)
         raise SystemExit(2) from None
@@ -272,14 +304,19 @@ def cli(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         server_header=False,
     )
     server = _Server(config, app.state.mae)
-    app.state.mae.extra["server"] = server
+    app.state.mae.extra.update(server=server, cli=True)
+    # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that was there before
+    # it started; with Python's defaults the process would then die by SIGTERM (143) or a KeyboardInterrupt
+    # traceback. A drained shutdown is a clean one: exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if app.state.mae.startup_error:
-        print(f"mae-serve: {app.state.mae.startup_error}", file=sys.stderr)
+        print(f"mae-serve: {app.state.mae.startup_error}".splitlines()[0], file=sys.stderr)
         raise SystemExit(1)
 
 

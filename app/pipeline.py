@@ -45,7 +45,8 @@ async def _decode(state: AppState, data: bytes, size: int, resize: str) -> torch
     loop = asyncio.get_running_loop()
 
     def work() -> torch.Tensor:
-        im = imaging.decode(data, state.settings.max_image_pixels)
+        # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
+        im = imaging.decode(data, state.settings.max_image_pixels, min_side=size)
         return imaging.preprocess(im, size, resize)  # type: ignore[arg-type]
 
     try:
@@ -74,15 +75,25 @@ def _b64png(a: np.ndarray) -> str:
     return base64.b64encode(imaging.encode_png(a)).decode("ascii")
 
 
+_PANELS = ("original", "masked", "reconstruction", "paste")
+
+
+def render_view(entry: ModelEntry, original: torch.Tensor, out: dict[str, Any], view: str) -> np.ndarray:
+    """One view as (H, W, 3) uint8; only what that view needs is computed (a PNG answer has one view)."""
+    if view == "original":
+        return imaging.to_uint8(original)
+    if view in ("masked", "reconstruction", "paste"):
+        return imaging.to_uint8(out[view])
+    if view == "error":
+        return imaging.error_heatmap(out["patch_error"], out["grid"], entry.config.patch_size)
+    if view == "grid":
+        return imaging.grid_view([render_view(entry, original, out, k) for k in _PANELS])
+    raise ValueError(f"unknown view {view!r}")
+
+
 def render_views(entry: ModelEntry, original: torch.Tensor, out: dict[str, Any]) -> dict[str, np.ndarray]:
-    views = {
-        "original": imaging.to_uint8(original),
-        "masked": imaging.to_uint8(out["masked"]),
-        "reconstruction": imaging.to_uint8(out["reconstruction"]),
-        "paste": imaging.to_uint8(out["paste"]),
-        "error": imaging.error_heatmap(out["patch_error"], out["grid"], entry.config.patch_size),
-    }
-    views["grid"] = imaging.grid_view([views[k] for k in ("original", "masked", "reconstruction", "paste")])
+    views = {k: render_view(entry, original, out, k) for k in (*_PANELS, "error")}
+    views["grid"] = imaging.grid_view([views[k] for k in _PANELS])
     return views
 
 
@@ -110,7 +121,7 @@ async def reconstruct_one(
     if params.format == "png":
 
         def png() -> bytes:
-            return imaging.encode_png(render_views(entry, image, out)[params.view])
+            return imaging.encode_png(render_view(entry, image, out, params.view))
 
         return {"png": await loop.run_in_executor(state.io_pool, png), "meta": meta}
 

@@ -7,6 +7,7 @@ with different values is an error) and validated here, so routes only see clean 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 View = Literal["paste", "reconstruction", "masked", "original", "grid", "error"]
 VIEWS: tuple[str, ...] = ("paste", "reconstruction", "masked", "original", "grid", "error")
 MAX_SEED = 2**63 - 1
+_INDEX = re.compile(r"[+-]?[0-9]{1,18}")
 
 
 class APIError(Exception):
@@ -42,10 +44,10 @@ def _parse_mask(v: Any) -> list[int] | None:
         return None
     if isinstance(v, str):
         parts = [p.strip() for p in v.split(",") if p.strip()]
-        try:
-            return [int(p) for p in parts]
-        except ValueError:
-            raise ValueError("mask must be comma-separated integers (masked patch indices, row-major)") from None
+        # ASCII digits only: int() alone would also take "1_0" and non-ASCII (e.g. Arabic-Indic) digits.
+        if not all(_INDEX.fullmatch(p) for p in parts):
+            raise ValueError("mask must be comma-separated integers (masked patch indices, row-major)")
+        return [int(p) for p in parts]
     if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
         return v
     raise ValueError("mask must be a list of integers or a comma-separated string")

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     # --- security and lifecycle
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")
+    metrics_require_key: bool = Field(False, description="with MAE_API_KEYS set, /metrics needs a key too")
+    weights_sha256: str = Field(
+        "", description="pin: one sha256 (one model) or name=sha256,...; a file that differs refuses to start"
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     shutdown_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 overload answers")
@@ -57,6 +61,19 @@ class Settings(BaseSettings):
     @cached_property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def weight_pins(self) -> dict[str | None, str]:
+        """{model name: expected sha256}; the key None pins the only model."""
+        out: dict[str | None, str] = {}
+        for part in (p.strip() for p in self.weights_sha256.split(",") if p.strip()):
+            name, sep, digest = part.rpartition("=")
+            digest = digest.strip().lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"bad MAE_WEIGHTS_SHA256 entry {part!r}: expected 64 hex digits")
+            out[name.strip() if sep else None] = digest
+        if None in out and len(out) > 1:
+            raise ValueError("MAE_WEIGHTS_SHA256: name every pin when there are several")
+        return out
 
     def weight_specs(self) -> list[tuple[str, str]]:
         """[(model name, path)]. A single unnamed path is named after its file."""

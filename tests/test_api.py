@@ -17,7 +17,7 @@ from PIL import Image
 from app.settings import Settings
 from model.checkpoint import load
 from model.masking import Masking, len_keep_for_ratio, random_noise
-from tests.serving import image_bytes, live_server, make_weights, app_client
+from tests.serving import app_client, image_bytes, live_server, make_weights
 
 VIEWS = ["paste", "reconstruction", "masked", "original", "grid", "error"]
 

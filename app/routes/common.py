@@ -18,13 +18,22 @@ def request_body_doc(params: dict[str, Any]) -> dict[str, Any]:
     """OpenAPI requestBody for multipart / raw image / JSON, so /docs 'Try it out' works for each."""
     binary = {"type": "string", "format": "binary"}
     return {
+        "parameters": [
+            {
+                "name": DEADLINE_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "queueing budget in ms: a request still waiting for the model after it gets 504",
+                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3_600_000},
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {"image": {"type": "array", "items": binary}, **params},
+                        "properties": {"image": {"type": "array", "items": binary, "minItems": 1}, **params},
                         "required": ["image"],
                     },
                     "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
@@ -43,7 +52,7 @@ def request_body_doc(params: dict[str, Any]) -> dict[str, Any]:
                     }
                 },
             },
-        }
+        },
     }
 
 

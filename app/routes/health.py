@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import AppState, get_state
+from app.deps import AppState, get_state, require_metrics_key
+from app.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 
@@ -26,6 +27,12 @@ async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Response:
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(require_metrics_key)],
+    responses={401: {"model": ErrorBody, "description": "MAE_METRICS_REQUIRE_KEY=true and no valid key"}},
+)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
