@@ -73,7 +73,7 @@ class ImageFolderInMemory:
         idx = torch.randint(len(self.images), (batch_size,), generator=g).tolist()
         flips = torch.rand(batch_size, generator=g).tolist()
         out = []
-        for i, f in zip(idx, flips):
+        for i, f in zip(idx, flips, strict=True):
             crop = self.random_resized_crop(self.images[i], g)
             out.append(crop.flip(-1) if f < 0.5 else crop)
         return torch.stack(out)

@@ -24,7 +24,7 @@ from model.checkpoint import save
 from model.config import get_config
 from model.data import ImageFolderInMemory
 from model.mae import MAE
-from model.masking import len_keep_for_ratio, Masking, random_noise
+from model.masking import Masking, len_keep_for_ratio, random_noise
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.0) -> float:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     csv_path = out / "loss.csv"
     new_csv = start == 0 or not csv_path.exists()
-    log = open(csv_path, "w" if new_csv else "a", newline="")
+    log = open(csv_path, "w" if new_csv else "a", newline="")  # noqa: SIM115 (open for the whole run)
     writer = csv.writer(log)
     if new_csv:
         writer.writerow(["step", "lr", "loss", "images_per_s", "elapsed_s"])
