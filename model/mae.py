@@ -100,6 +100,35 @@ class ReconstructOutput:
     mse: torch.Tensor  # (N,) mean over masked patches (0 when nothing is masked)
     grid: tuple[int, int]
 
+    @classmethod
+    def from_prediction(
+        cls,
+        model: nn.Module,
+        images: torch.Tensor,
+        patches: torch.Tensor,
+        pred: torch.Tensor,
+        mask: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> ReconstructOutput:
+        """The viewer's images from predicted `patches` in the model's input space (any family with patchify,
+        unpatchify and denormalize). `images` are the originals in [0, 1]."""
+        recon = model.denormalize(model.unpatchify(patches, grid)).float().clamp(0, 1)
+        original = images.float()
+        mask_img = model.unpatchify(mask[..., None].expand(-1, -1, patches.shape[-1]).float(), grid)
+        paste = original * (1 - mask_img) + recon * mask_img
+        patch_error = ((model.patchify(recon) - model.patchify(original)) ** 2).mean(dim=-1) * mask.float()
+        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
+        return cls(
+            pred=pred,
+            mask=mask,
+            reconstruction=recon,
+            paste=paste,
+            masked=original * (1 - mask_img),
+            patch_error=patch_error,
+            mse=mse,
+            grid=grid,
+        )
+
 
 class MAE(nn.Module):
     """Masked Autoencoder with a ViT backbone."""
@@ -197,9 +226,7 @@ class MAE(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
 
-    def forward_encoder(
-        self, imgs: torch.Tensor, masking: Masking
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images -> latent (N, 1 + len_keep, D) after the final norm, mask, ids_restore."""
         grid = self.grid_for(imgs)
         pos = interpolate_pos_embed(self.pos_embed, grid)
@@ -211,9 +238,7 @@ class MAE(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(
-        self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]
-    ) -> torch.Tensor:
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Latent of visible patches -> pixel predictions for every patch (N, L, p*p*C), raster order."""
         self._require_decoder()
         x = self.decoder_embed(latent)
@@ -242,9 +267,7 @@ class MAE(nn.Module):
         loss = ((pred - self.target(imgs)) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
-    def forward(
-        self, imgs: torch.Tensor, masking: Masking
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training step on normalised images: (loss, pred, mask), as the official forward."""
         latent, mask, ids_restore = self.forward_encoder(imgs, masking)
         pred = self.forward_decoder(latent, ids_restore, self.grid_for(imgs))
@@ -286,22 +309,7 @@ class MAE(nn.Module):
             target = self.patchify(imgs)
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             patches = pred * (var + 1.0e-6) ** 0.5 + mean
-        recon = self.denormalize(self.unpatchify(patches, grid)).float().clamp(0, 1)
-        original = images.float()
-        mask_img = self.unpatchify(mask[..., None].expand(-1, -1, self.config.patch_dim).float(), grid)
-        paste = original * (1 - mask_img) + recon * mask_img
-        patch_error = ((self.patchify(recon) - self.patchify(original)) ** 2).mean(dim=-1) * mask.float()
-        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
-        return ReconstructOutput(
-            pred=pred,
-            mask=mask,
-            reconstruction=recon,
-            paste=paste,
-            masked=original * (1 - mask_img),
-            patch_error=patch_error,
-            mse=mse,
-            grid=grid,
-        )
+        return ReconstructOutput.from_prediction(self, images, patches, pred, mask, grid)
 
     def _require_decoder(self) -> None:
         if not self.config.has_decoder:

@@ -312,22 +312,7 @@ class VitPytorchMAE(nn.Module):
         imgs = self.normalize(images)
         grid = self.grid_for(imgs)
         _, pred, mask = self(imgs, masking)
-        recon = self.denormalize(self.unpatchify(pred, grid)).float().clamp(0, 1)
-        original = images.float()
-        mask_img = self.unpatchify(mask[..., None].expand(-1, -1, self.config.patch_dim).float(), grid)
-        paste = original * (1 - mask_img) + recon * mask_img
-        patch_error = ((self.patchify(recon) - self.patchify(original)) ** 2).mean(dim=-1) * mask.float()
-        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
-        return ReconstructOutput(
-            pred=pred,
-            mask=mask,
-            reconstruction=recon,
-            paste=paste,
-            masked=original * (1 - mask_img),
-            patch_error=patch_error,
-            mse=mse,
-            grid=grid,
-        )
+        return ReconstructOutput.from_prediction(self, images, pred, pred, mask, grid)
 
     def _require_decoder(self) -> None:
         if not self.config.has_decoder:

@@ -9,6 +9,9 @@ from typing import Any
 
 from fastapi import Request
 
+from app.deps import AppState
+from app.pipeline import draw_seed
+from app.registry import ModelEntry
 from app.schemas import APIError
 
 DEADLINE_HEADER = "X-MAE-Deadline-Ms"
@@ -85,3 +88,13 @@ def query_dict(request: Request) -> dict[str, str]:
             raise APIError(422, "bad_parameter", f"query parameter {k!r} given more than once")
         out[k] = v
     return out
+
+
+def resolve(state: AppState, request: Request, params: Any) -> tuple[ModelEntry, int, float | None]:
+    """The model a request names (422 if unknown), its seed (drawn when absent) and its deadline."""
+    assert state.registry is not None
+    if params.model is not None and params.model not in state.registry:
+        loaded = ", ".join(state.registry.entries)
+        raise APIError(422, "unknown_model", f"unknown model {params.model!r}; loaded: {loaded}")
+    seed = params.seed if params.seed is not None else draw_seed()
+    return state.registry.get(params.model), seed, deadline_from(request)

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 
 from app.deps import AppState, ready_state, require_api_key
 from app.inputs import read_inputs
-from app.pipeline import draw_seed, reconstruct_one
-from app.routes.common import deadline_from, query_dict, request_body_doc, run_each
+from app.pipeline import reconstruct_one
+from app.routes.common import query_dict, request_body_doc, resolve, run_each
 from app.schemas import APIError, ErrorBody, ImageFailure, ReconstructParams, ReconstructResult, parse_params
 
 router = APIRouter(prefix="/v1", tags=["reconstruct"], dependencies=[Depends(require_api_key)])
@@ -52,14 +52,7 @@ async def reconstruct(
 ) -> Response:
     images, fields = await read_inputs(request, state.settings)
     params = parse_params(ReconstructParams, query_dict(request), fields)
-    assert state.registry is not None
-    if params.model is not None and params.model not in state.registry:
-        raise APIError(
-            422, "unknown_model", f"unknown model {params.model!r}; loaded: {', '.join(state.registry.entries)}"
-        )
-    entry = state.registry.get(params.model)
-    seed = params.seed if params.seed is not None else draw_seed()
-    deadline = deadline_from(request)
+    entry, seed, deadline = resolve(state, request, params)
     if params.format == "png" and len(images) > 1:
         raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")
 
