@@ -32,5 +32,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Benchmarks (BENCHMARKS.md): ceiling, end to end vs the baseline, cold start; ~9 min on 2 cores.
+# ARGS=--pause-training stops the background training job for each step's window.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.run_all $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from typing import Literal
 
 import numpy as np
@@ -127,20 +129,46 @@ def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> torch
         out.paste(r, ((size - nw) // 2, (size - nh) // 2))
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
-    a = np.asarray(out, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+    # numpy, not torch: a torch op this size would start an OpenMP team in this I/O thread (see app.engine.model_thread)
+    a = np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32)
+    a /= 255.0
+    return torch.from_numpy(a)
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    return (img.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8. numpy, for the reason given in `preprocess`."""
+    a = np.clip(img.detach().float().cpu().numpy(), 0, 1) * 255.0 + 0.5
+    return np.ascontiguousarray(a.astype(np.uint8).transpose(1, 2, 0))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def encode_png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    # Level 1: several times faster than the default 6, for files ~10-20% larger.
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """(H, W, 3) uint8 -> an 8-bit RGB PNG.
+
+    Written here rather than by Pillow: every row uses PNG's "Sub" filter (each byte minus the one a pixel to its
+    left, computed by numpy for the whole image at once) and zlib level 1 with the RLE strategy. That is ~2x
+    faster than Pillow's `save(compress_level=1)` (1.3 vs 2.4 ms for 224 x 224 on the benchmark machine) for
+    files ~4% larger, and 6x faster than Pillow's default level. Any PNG decoder reads it.
+    """
+    a = np.ascontiguousarray(img, dtype=np.uint8)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {a.shape}")
+    h, w, _ = a.shape
+    rows = a.reshape(h, w * 3)
+    raw = np.empty((h, w * 3 + 1), dtype=np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1:4] = rows[:, :3]
+    np.subtract(rows[:, 3:], rows[:, :-3], out=raw[:, 4:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = z.compress(raw.data) + z.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB), no interlace
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # A perceptually ordered ramp (dark -> bright) for the error heatmap; 0 = perfect, 1 = worst.

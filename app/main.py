@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.deps import AppState
-from app.engine import Engine
+from app.engine import Engine, model_thread
 from app.registry import ModelLoadError, Registry
 from app.routes import embed, health, models, reconstruct
 from app.schemas import APIError
@@ -150,15 +150,24 @@ async def load_models(app: FastAPI) -> None:
     state: AppState = app.state.mae
     s = state.settings
     t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
     try:
-        registry = await asyncio.to_thread(Registry.from_settings, s)
+        # On the model thread, like warm-up and every batch: see app.engine.model_thread for why.
+        registry = await loop.run_in_executor(model_thread(), Registry.from_settings, s)
         check_pins(registry, s.weight_pins())
     except (ModelLoadError, ValueError) as e:
         state.startup_error = str(e)
         raise
-    engine = Engine(registry, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue)
+    engine = Engine(
+        registry,
+        max_batch_size=s.max_batch_size,
+        max_wait_ms=s.max_wait_ms,
+        max_queue=s.max_queue,
+        cpu_kernels=s.cpu_kernels,
+        cpu_max_batch_size=s.cpu_max_batch_size,
+    )
     if s.warmup:
-        await asyncio.to_thread(warm_up, engine, registry, s.max_batch_size)
+        await loop.run_in_executor(model_thread(), warm_up, engine, registry, s.max_batch_size)
     engine.start()
     state.registry, state.engine = registry, engine
     state.ready = True

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,12 @@ from app.registry import ModelEntry
 from app.schemas import VIEWS, APIError, EmbedParams, ReconstructParams
 from model.mae import DecoderMissingError
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
+
+T = TypeVar("T")
+
+
+async def _in_io_pool(state: AppState, fn: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(state.io_pool, fn)
 
 
 def draw_seed() -> int:
@@ -42,15 +49,13 @@ def make_masking(entry: ModelEntry, params: ReconstructParams | EmbedParams, see
 
 
 async def _decode(state: AppState, data: bytes, size: int, resize: str) -> torch.Tensor:
-    loop = asyncio.get_running_loop()
-
     def work() -> torch.Tensor:
         # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
         im = imaging.decode(data, state.settings.max_image_pixels, min_side=size)
         return imaging.preprocess(im, size, resize)  # type: ignore[arg-type]
 
     try:
-        return await loop.run_in_executor(state.io_pool, work)
+        return await _in_io_pool(state, work)
     except imaging.ImageError as e:
         raise APIError(e.status, e.code, e.message) from None
 
@@ -103,8 +108,10 @@ async def reconstruct_one(
     """-> {"png": bytes} for format=png, or the JSON result."""
     if not entry.config.has_decoder:
         raise APIError(422, "no_decoder", f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct")
-    image = await _decode(state, data, entry.config.img_size, params.resize)
-    masking = make_masking(entry, params, seed)
+    assert state.engine is not None
+    with state.engine.coming():
+        image = await _decode(state, data, entry.config.img_size, params.resize)
+        masking = make_masking(entry, params, seed)
     out = await _run(state, entry, "reconstruct", image, masking, deadline)
     mask_idx = torch.nonzero(out["mask"], as_tuple=True)[0].tolist()
     meta = {
@@ -117,27 +124,28 @@ async def reconstruct_one(
         "mse": out["mse"],
         "psnr": imaging.psnr(out["mse"]),
     }
-    loop = asyncio.get_running_loop()
     if params.format == "png":
 
         def png() -> bytes:
             return imaging.encode_png(render_view(entry, image, out, params.view))
 
-        return {"png": await loop.run_in_executor(state.io_pool, png), "meta": meta}
+        return {"png": await _in_io_pool(state, png), "meta": meta}
 
     def all_views() -> dict[str, str]:
         views = render_views(entry, image, out)
         return {k: _b64png(views[k]) for k in VIEWS}
 
-    return {**meta, "images": await loop.run_in_executor(state.io_pool, all_views)}
+    return {**meta, "images": await _in_io_pool(state, all_views)}
 
 
 async def embed_one(
     state: AppState, entry: ModelEntry, params: EmbedParams, data: bytes, seed: int | None, deadline: float | None
 ) -> dict[str, Any]:
     """-> tensors: cls (D) or None, mean (D), patches (K, D), patch_indices (K), grid."""
-    image = await _decode(state, data, entry.config.img_size, params.resize)
-    masking = make_masking(entry, params, seed)
+    assert state.engine is not None
+    with state.engine.coming():
+        image = await _decode(state, data, entry.config.img_size, params.resize)
+        masking = make_masking(entry, params, seed)
     out = await _run(state, entry, "embed", image, masking, deadline)
     return {
         "model": entry.name,
@@ -146,7 +154,7 @@ async def embed_one(
         "seed": seed if masking is not None and params.mask is None else None,
         "mask_ratio": 1 - out["patches"].shape[0] / entry.config.num_patches,
         "cls": out["cls"],
-        "mean": out["patches"].mean(dim=0),
+        "mean": out["mean"],  # computed on the model thread, with the batch
         "patches": out["patches"],
         "patch_indices": out["patch_indices"],
     }

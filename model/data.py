@@ -29,8 +29,8 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> torch.Tensor:
         im = im.convert("RGB")
         if max_side and max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3).permute(
-            2, 0, 1
+        return (
+            torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3).permute(2, 0, 1)
         )
 
 

@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = get_config(args.config).replace(norm_pix_loss=args.norm_pix_loss)
@@ -127,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     writer = csv.writer(log)
     if new_csv:
         writer.writerow(["step", "lr", "loss", "images_per_s", "elapsed_s"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     len_keep = len_keep_for_ratio(config.num_patches, args.mask_ratio)
     model.train()

@@ -1,0 +1,126 @@
+"""The performance paths of the engine and imaging (BENCHMARKS.md) keep the results the stock paths give."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from app import imaging
+from app.engine import Engine, OneDNNLinear, model_thread, onednn_linear_works, prepare_cpu_kernels
+from app.registry import ModelEntry, Registry
+from model import MAE, get_config
+from model.masking import Masking, random_noise
+
+
+@pytest.mark.parametrize("shape", [(224, 224, 3), (1, 1, 3), (7, 33, 3)])
+def test_png_encoder_round_trips(shape):
+    a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    im = Image.open(io.BytesIO(imaging.encode_png(a)))
+    assert im.format == "PNG" and im.mode == "RGB" and np.array_equal(np.asarray(im), a)
+    view = np.random.default_rng(1).integers(0, 256, (3, 9, 5), dtype=np.uint8).transpose(1, 2, 0)  # not contiguous
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(imaging.encode_png(view)))), view)
+
+
+def test_numpy_conversions_equal_the_torch_ones():
+    im = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    x = imaging.preprocess(im, 32)
+    ref = torch.from_numpy(np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1) / 255.0
+    assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(x, ref)
+    y = torch.rand(3, 8, 8) * 1.4 - 0.2
+    ref8 = (y.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(imaging.to_uint8(y), ref8)
+
+
+def test_jpeg_draft_decoding_keeps_both_sides_at_least_the_model_size():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((700, 1000, 3), 128, np.uint8)).save(buf, format="JPEG")
+    assert imaging.decode(buf.getvalue(), 10**8).size == (1000, 700)
+    assert imaging.decode(buf.getvalue(), 10**8, min_side=224).size == (500, 350)  # 1/2: 1/4 would be < 224
+
+
+@pytest.mark.skipif(not onednn_linear_works(), reason="no oneDNN linear in this torch build")
+def test_onednn_linears_match_stock_pytorch():
+    torch.manual_seed(0)
+    model = MAE(get_config("mae_test")).eval()
+    x = torch.rand(3, 3, 32, 32)
+    masking = Masking(random_noise(3, 16, seed=0), 4)
+    ref = model.reconstruct(x, masking).pred
+    for kernels in ("onednn", "onednn-packed"):
+        fast = MAE(get_config("mae_test")).eval()
+        fast.load_state_dict(model.state_dict())
+        n = prepare_cpu_kernels(fast, kernels)
+        assert n == sum(type(m) is OneDNNLinear for m in fast.modules()) > 0
+        assert set(fast.state_dict()) == set(model.state_dict())
+        assert torch.allclose(fast.reconstruct(x, masking).pred, ref, atol=1e-5)
+    assert prepare_cpu_kernels(MAE(get_config("mae_test")), "stock") == 0
+    with torch.enable_grad():  # training is left to PyTorch's own kernels
+        layer = nn.Linear(4, 3)
+        layer.__class__ = OneDNNLinear
+        layer(torch.rand(2, 4)).sum().backward()
+        assert layer.weight.grad is not None
+
+
+def _engine(cap: int, max_wait_ms: float) -> tuple[Engine, ModelEntry]:
+    torch.manual_seed(0)
+    model = MAE(get_config("mae_test")).eval()
+    entry = ModelEntry("t", model, "-", "random", "none", torch.device("cpu"), torch.float32)
+    engine = Engine(
+        Registry({"t": entry}), max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap
+    )
+    return engine, entry
+
+
+def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
+    async def scenario() -> tuple[list[int], float]:
+        engine, entry = _engine(cap=3, max_wait_ms=1000)
+        sizes: list[int] = []
+        real = engine._compute
+
+        def spy(e, op, images, masking):
+            sizes.append(int(images.shape[0]))
+            return real(e, op, images, masking)
+
+        engine._compute = spy  # type: ignore[method-assign]
+        engine.start()
+        x = torch.rand(3, 32, 32)
+        t = time.monotonic()
+        await engine.submit(entry, "embed", x, None)  # nothing else is on its way: no 1 s wait
+        lone = time.monotonic() - t
+        await asyncio.gather(*(engine.submit(entry, "embed", x, None) for _ in range(7)))
+        await engine.close(1)
+        return sizes, lone
+
+    sizes, lone = asyncio.run(scenario())
+    assert lone < 0.5
+    assert sizes[0] == 1 and max(sizes) <= 3 and sum(sizes[1:]) == 7
+
+
+def test_engine_runs_on_the_one_model_thread():
+    async def scenario() -> set[str]:
+        engine, entry = _engine(cap=4, max_wait_ms=0)
+        names: set[str] = set()
+        real = engine._compute
+
+        def spy(e, op, images, masking):
+            import threading
+
+            names.add(threading.current_thread().name)
+            return real(e, op, images, masking)
+
+        engine._compute = spy  # type: ignore[method-assign]
+        engine.start()
+        await engine.submit(entry, "embed", torch.rand(3, 32, 32), None)
+        engine.run_sync(entry, "embed", torch.rand(1, 3, 32, 32), None)
+        model_thread().submit(engine.run_sync, entry, "embed", torch.rand(1, 3, 32, 32), None).result()
+        await engine.close(1)
+        return names
+
+    names = asyncio.run(scenario())
+    assert len(names) == 1 and next(iter(names)).startswith("mae-model")
