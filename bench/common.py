@@ -145,7 +145,8 @@ def paused(pattern: str | None, max_s: float = 540.0) -> Iterator[list[int]]:
             for p in stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGCONT)
-        watchdog.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(watchdog.pid, signal.SIGKILL)  # the shell and its sleep (its own session, see Popen)
         watchdog.wait()
         pidfile.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, old)

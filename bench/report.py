@@ -1,4 +1,5 @@
-"""Targets, tables and the plot from the results JSON: `python -m bench.report`.
+"""Targets, tables and the plot from the results JSON: `python -m bench.report` (`--runs`: the targets of every
+run saved under bench/results/repeats/<n>/, side by side, and their medians).
 
 Reads bench/results/{ceiling,ceiling_after,ceiling_stock,e2e,cold_start}.json (whichever exist), prints Markdown
 (the tables of BENCHMARKS.md), writes bench/results/summary.json and bench/results/e2e.png (throughput and p99
@@ -12,6 +13,7 @@ run (seen here: up to +-10% over minutes) does not land on one side of a ratio; 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ def summarize() -> dict[str, Any]:
             saturated = [r for r in ours if r["concurrency"] >= 8 and r.get("vs_ceiling")]
             if saturated:  # side by side: each level against the bare model measured just before and after it
                 ratios = sorted(r["vs_ceiling"] for r in saturated)
-                ratio = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
+                ratio = statistics.median(ratios)
                 detail = (
                     f"median over {len(ratios)} levels of 8+ clients, each / the best bare batch "
                     f"({'/'.join(str(b) for b in saturated[0]['ceiling_images_per_s_by_batch'])}) measured around "
@@ -140,7 +142,7 @@ def plot(path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
     colors = {"reconstruct": "tab:blue", "embed": "tab:orange"}
     styles = {"mae-serve": "-o", "baseline-async": "--s", "baseline-sync": ":^"}
     for (server, endpoint), rows in _group(e2e["rows"]).items():
@@ -166,10 +168,11 @@ def plot(path: Path) -> Path | None:
     ax2.set_yscale("log")
     ax1.set_title("throughput")
     ax2.set_title("p99 latency")
-    ax1.legend(fontsize=7, loc="center right")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     m = e2e["machine"]
     fig.suptitle(f"ViT-B/16 MAE, fp32, {m['cpu']} x{m['cores']} cores, {m['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -240,13 +243,42 @@ def markdown(summary: dict[str, Any]) -> str:
         {**c, "status": {True: "met", False: "NOT met", None: "(info)"}[c["met"]]} for c in summary["checks"]
     ]  # fmt: skip
     parts.append(table(checks, [
-        ("target", "target", ""), ("value", "measured", ".2f"), ("goal", "goal", ""), ("status", "", ""),
+        ("target", "target", ""), ("value", "measured", ".3f"), ("goal", "goal", ""), ("status", "", ""),
         ("detail", "detail", ""),
     ], "targets"))  # fmt: skip
     return "\n\n".join(parts)
 
 
+def across_runs() -> str:
+    """bench/results/repeats/<n>/summary.json (copies of run_all results) -> each target per run, and the median."""
+    runs = sorted((RESULTS / "repeats").glob("*/summary.json"), key=lambda p: p.parent.name)
+    if not runs:
+        return ""
+    per_run = [json.loads(p.read_text())["checks"] for p in runs]
+    rows = []
+    for i, check in enumerate(per_run[0]):
+        values = [r[i]["value"] for r in per_run if i < len(r) and r[i]["target"] == check["target"]]
+        med = (
+            sorted(values)[len(values) // 2] if len(values) % 2 else sum(sorted(values)[len(values) // 2 - 1 :][:2]) / 2
+        )
+        goal = check["goal"]
+        limit = float(goal.split()[-1])
+        met = med >= limit if goal.startswith(">=") else med <= limit
+        rows.append({
+            "target": check["target"], "runs": " / ".join(f"{v:.3f}" for v in values), "median": med, "goal": goal,
+            "status": ("met" if met else "NOT met") if check["met"] is not None else "(info)",
+        })  # fmt: skip
+    cols = [("target", "target", ""), ("runs", "each run", ""), ("median", "median", ".3f"), ("goal", "goal", ""),
+            ("status", "", "")]  # fmt: skip
+    return table(rows, cols, f"targets over {len(runs)} runs of run_all ({', '.join(p.parent.name for p in runs)})")
+
+
 def main() -> dict[str, Any]:
+    import sys
+
+    if "--runs" in sys.argv[1:]:
+        print(across_runs())
+        return {}
     summary = summarize()
     png = plot(RESULTS / "e2e.png")
     summary["plot"] = str(png.relative_to(RESULTS.parent.parent)) if png else None

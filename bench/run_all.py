@@ -12,8 +12,8 @@ Steps (each its own process; each pauses the background training for its own win
   6. bench.cold_start                          bundled model and ViT-B, 3 starts each        -> cold_start.json
   7. bench.report                              targets, Markdown tables, e2e.png             -> summary.json
 
---quick: a smoke run in about a minute (short windows, fewer levels, one start each), for checking the scripts,
-not for quoting.
+--quick: a smoke run in about two minutes (short windows, fewer levels, one start each), for checking the
+scripts, not for quoting; it writes *_quick.json and no report.
 """
 
 from __future__ import annotations
@@ -28,32 +28,37 @@ from bench.common import PYTHON, REPO
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run (about a minute); numbers not for quoting")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke run (about two minutes; *_quick.json); numbers not for quoting"
+    )
     ap.add_argument("--pause-training", action="store_true", help="SIGSTOP the background training per step")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,stock,e2e,after,cold")
     args = ap.parse_args(argv)
     pause = ["--pause-training"] if args.pause_training else []
     skip = set(args.skip.split(","))
     q = args.quick
+    sfx = "_quick" if q else ""  # a smoke run never overwrites the results BENCHMARKS.md quotes
     steps: list[tuple[str, list[str]]] = [("weights", ["bench.make_weights"])]
     if "ceiling" not in skip:
-        steps.append(("ceiling", ["bench.ceiling", "--min-time", "0.3" if q else "1.0",
+        steps.append(("ceiling", ["bench.ceiling", "--min-time", "0.3" if q else "1.0", "--out", "ceiling" + sfx,
                                   "--batch-sizes", "1,4" if q else "1,2,4,8,16,32", *pause]))  # fmt: skip
     if "stock" not in skip:
         steps.append(("stock", ["bench.ceiling", "--kernels", "stock", "--batch-sizes", "1" if q else "1,4",
-                                "--min-time", "0.3" if q else "1.5", "--out", "ceiling_stock", *pause]))  # fmt: skip
+                                "--min-time", "0.3" if q else "1.5", "--out", f"ceiling_stock{sfx}",
+                                *pause]))  # fmt: skip
     if "e2e" not in skip:
-        e2e = ["bench.e2e", *pause]
+        e2e = ["bench.e2e", "--out", "e2e" + sfx, *pause]
         if q:
             e2e += ["--concurrency", "1,8", "--baseline-concurrency", "8", "--sync-concurrency", "8",
-                    "--duration", "2", "--warmup", "1", "--retries", "0"]  # fmt: skip
+                    "--duration", "2", "--warmup", "1", "--retries", "0", "--paired-ceiling", "1"]  # fmt: skip
         steps.append(("e2e", e2e))
     if "after" not in skip:
         steps.append(("after", ["bench.ceiling", "--batch-sizes", "1,4", "--min-time", "0.3" if q else "1.5",
-                                "--out", "ceiling_after", *pause]))  # fmt: skip
+                                "--out", "ceiling_after" + sfx, *pause]))  # fmt: skip
     if "cold" not in skip:
-        steps.append(("cold", ["bench.cold_start", "--runs", "1" if q else "3", *pause]))
-    steps.append(("report", ["bench.report"]))
+        steps.append(("cold", ["bench.cold_start", "--runs", "1" if q else "3", "--out", "cold_start" + sfx, *pause]))
+    if not q:
+        steps.append(("report", ["bench.report"]))
     t0 = time.perf_counter()
     for name, cmd in steps:
         t = time.perf_counter()
