@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from app.engine import Engine
+from app.middleware import InFlight
 from app.registry import Registry
 from app.schemas import APIError
 from app.settings import Settings
@@ -20,6 +21,7 @@ class AppState:
     """Everything a request may need, built once by the lifespan."""
 
     settings: Settings
+    inflight: InFlight
     registry: Registry | None = None
     engine: Engine | None = None
     io_pool: ThreadPoolExecutor | None = None

@@ -177,6 +177,17 @@ class WorkItem:
         return (self.entry.name, self.op, keep, tuple(self.image.shape))
 
 
+def _cancel_reason(future: asyncio.Future) -> str:
+    """Why a queued item's future was cancelled: the message app.middleware gave its request's cancel()."""
+    try:
+        future.result()
+    except asyncio.CancelledError as e:
+        return str(e.args[0]) if e.args else "cancelled"
+    except BaseException:  # answered with an error already (a deadline)
+        return "answered"
+    return "answered"
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -350,7 +361,8 @@ class Engine:
         now = time.monotonic()
         keep: deque[WorkItem] = deque()
         for it in self._queue:
-            if it.future.done():  # cancelled: the client went away
+            if it.future.done():  # cancelled: the client went away, or the drain deadline passed
+                metrics.CANCELLED.labels(_cancel_reason(it.future)).inc()
                 continue
             if it.deadline is not None and now > it.deadline:
                 metrics.REJECTS.labels("deadline").inc()
@@ -358,6 +370,7 @@ class Engine:
                 continue
             keep.append(it)
         self._queue = keep
+        metrics.QUEUE_DEPTH.set(len(keep))
 
     # ------------------------------------------------------------------ model thread
     @staticmethod

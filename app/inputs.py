@@ -3,19 +3,22 @@
 - multipart/form-data: one or more `image` file fields, parameters as other fields;
 - a raw body with Content-Type image/png, image/jpeg or image/webp;
 - application/json: {"image": "<base64>"} or {"images": ["<base64>", ...]} plus parameter fields.
-The body size cap is enforced while reading by `BodyLimitMiddleware` (app/main.py), so nothing here can be
-made to buffer more than `max_body_bytes`.
+The body size cap is enforced while reading by `BodyGuard` (app/middleware.py), so nothing here can be
+made to buffer more than `max_body_bytes`. Parameter values are size-checked (`max_param_bytes`) before anything
+parses them, and a JSON body is parsed and its images base64-decoded in the I/O pool, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+from concurrent.futures import Executor
 from typing import Any
 
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from app.schemas import APIError
 from app.settings import Settings
@@ -23,7 +26,9 @@ from app.settings import Settings
 RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 
 
-async def read_inputs(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+async def read_inputs(
+    request: Request, settings: Settings, pool: Executor | None = None
+) -> tuple[list[bytes], dict[str, Any]]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = settings.max_images_per_request
     if ctype == "multipart/form-data":
@@ -31,7 +36,10 @@ async def read_inputs(request: Request, settings: Settings) -> tuple[list[bytes]
     elif ctype in RAW_IMAGE_TYPES:
         images, fields = [await request.body()], {}
     elif ctype == "application/json":
-        images, fields = await _read_json(request)
+        body = await request.body()
+        images, fields = await asyncio.get_running_loop().run_in_executor(
+            pool, _parse_json, body, settings.max_param_bytes
+        )
     elif not ctype:
         raise APIError(
             415,
@@ -60,14 +68,18 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
         form = await request.form(
             max_files=settings.max_images_per_request + 1,
             max_fields=64,
-            max_part_size=settings.max_body_bytes,
+            max_part_size=settings.max_param_bytes,  # non-file fields only; files are spooled
         )
-    except APIError:
+    except (APIError, ClientDisconnect):
         raise
-    except Exception as e:  # malformed multipart, too many parts
-        if "too many files" in str(e).lower():  # Starlette stopped at max_files: the documented 413, not a 400
+    except Exception as e:  # malformed multipart, a limit reached (Starlette: an HTTPException 400 with the reason)
+        why = str(getattr(e, "detail", e)).lower()
+        if "too many files" in why:  # Starlette stopped at max_files: the documented 413, not a 400
             limit = settings.max_images_per_request
             raise APIError(413, "too_many_images", f"more than {limit} images in one request") from None
+        if "exceeded maximum size" in why:  # a non-file field over max_part_size
+            why = f"a form field is over {settings.max_param_bytes} bytes"
+            raise APIError(413, "parameter_too_large", why) from None
         raise APIError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from None
     try:
         images: list[bytes] = []
@@ -88,9 +100,10 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
         await form.close()
 
 
-async def _read_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
+def _parse_json(raw_body: bytes, max_param_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
+    """Runs in the I/O pool: JSON -> (images, parameter fields); a parameter over the size cap is refused here."""
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw_body)
     except RecursionError:  # deeply nested arrays/objects: the decoder recurses once per level
         raise APIError(400, "bad_json", "the JSON body is nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers over Python's 4300-digit limit
@@ -103,6 +116,11 @@ async def _read_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
     if raw is None:
         single = body.pop("image", None)
         raw = [] if single is None else [single]
+    for key, value in body.items():
+        # Strings are what later parsing splits (a mask); a list is checked by its length against the model's patch
+        # count, once the model is known (app.schemas), before any item is looked at.
+        if isinstance(value, str) and len(value) > max_param_bytes:
+            raise APIError(413, "parameter_too_large", f"parameter {key!r} is over {max_param_bytes} bytes")
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise APIError(422, "bad_parameter", "'images' must be a list of base64 strings")
     images = []

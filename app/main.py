@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,11 +30,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import metrics
+from app import server as http_server
 from app.deps import AppState
 from app.engine import Engine, model_thread
+from app.middleware import BodyGuard, InFlight, Lifecycle
 from app.registry import ModelLoadError, Registry
 from app.routes import embed, health, models, reconstruct
 from app.schemas import APIError
@@ -42,72 +43,10 @@ from model.masking import Masking, len_keep_for_ratio, random_noise
 
 log = logging.getLogger("mae.serve")
 STATIC = Path(__file__).resolve().parent / "static"
+PROBES = ("/healthz", "/readyz", "/metrics")  # outside the concurrency limit: orchestrators must always get an answer
 
 
-# ---------------------------------------------------------------------------------------------- middleware
-class BodyLimitMiddleware:
-    """Refuse bodies over the cap: at once from Content-Length, else while counting the bytes read (chunked)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    err = APIError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
-                    return await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(
-                        scope, receive, send
-                    )
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    # Connection: close, so the server stops reading there; else uvicorn would read and discard the
-                    # rest of the body, however long, to keep the connection alive.
-                    why = f"request body over {self.max_bytes} bytes"
-                    raise APIError(413, "body_too_large", why, {"Connection": "close"})
-            return msg
-
-        await self.app(scope, limited, send)
-
-
-class MetricsMiddleware:
-    """Requests by route template and status, and their latency."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def send_wrapper(msg: Message) -> None:
-            nonlocal status
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            metrics.REQUESTS.labels(path, str(status)).inc()
-            metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
-
-
+# ---------------------------------------------------------------------------------------------- page
 class RevalidatedStaticFiles(StaticFiles):
     """The web page's files, revalidated (ETag) on every load, so an upgrade never leaves a page half stale."""
 
@@ -206,12 +145,14 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
         summary="Masked Autoencoder reconstructions and embeddings over HTTP",
         lifespan=lifespan,
     )
-    app.state.mae = AppState(settings=settings)
+    app.state.mae = AppState(settings=settings, inflight=InFlight(settings.limit_concurrency))
     app.include_router(health.router)
     app.include_router(reconstruct.router)
     app.include_router(embed.router)
     app.include_router(models.router)
     _add_error_handlers(app)
+    if settings.api_key_list:
+        _declare_bearer(app, lambda p: p.startswith("/v1/") or (p == "/metrics" and settings.metrics_require_key))
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -220,8 +161,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["*"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(Lifecycle, inflight=app.state.mae.inflight, retry_after_s=settings.retry_after_s, exempt=PROBES)
     if (STATIC / "index.html").exists():
         app.mount("/static", RevalidatedStaticFiles(directory=STATIC), name="static")
 
@@ -230,6 +171,24 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
             return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def _declare_bearer(app: FastAPI, protected: Callable[[str], bool]) -> None:
+    """With API keys on, OpenAPI declares the HTTP bearer scheme on the routes that need it (/docs can send it)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "one of MAE_API_KEYS"}
+            for path, operations in schema["paths"].items():
+                if protected(path):
+                    for op in operations.values():
+                        op["security"] = [{"bearer": []}]
+        return app.openapi_schema  # type: ignore[return-value]  # set by generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _on_loaded(app: FastAPI, task: asyncio.Task) -> None:
@@ -271,16 +230,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-class _Server(uvicorn.Server):
-    """uvicorn, but a shutdown signal first marks the app draining so /readyz answers 503 at once."""
-
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
-        super().__init__(config)
-        self.mae_state = state
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.mae_state.draining = True
-        super().handle_exit(sig, frame)
+DRAIN_MARGIN_S = 1.0  # past the drain budget, the time uvicorn gets to send the 503s and close, before it cancels
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -307,26 +257,43 @@ def cli(argv: list[str] | None = None) -> None:
         print(f"mae-serve: bad setting: {e}".splitlines()[0], file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    before, open_files, hard = http_server.raise_open_file_limit()
+    max_connections = http_server.connection_cap(settings.max_connections, open_files, settings.limit_concurrency)
+    log.info("open files: soft limit %d -> %d (hard %d); at most %d connections", before, open_files, hard,
+             max_connections)  # fmt: skip
     app = create_app(settings)
+    state: AppState = app.state.mae
+    limits = http_server.ConnectionLimits(max_connections, settings.header_timeout_s)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
+        http=http_server.protocol_for(limits),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        # A backstop: requests left at the drain deadline are answered 503 by the app (middleware.InFlight) first.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + DRAIN_MARGIN_S,  # type: ignore[arg-type]
         server_header=False,
     )
-    server = _Server(config, app.state.mae)
-    app.state.mae.extra.update(server=server, cli=True)
+
+    server = http_server.Server(config, state, drain_s=settings.shutdown_timeout_s)
+    state.extra.update(server=server, cli=True)
     # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that was there before
     # it started; with Python's defaults the process would then die by SIGTERM (143) or a KeyboardInterrupt
     # traceback. A drained shutdown is a clean one: exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if app.state.mae.startup_error:
-        print(f"mae-serve: {app.state.mae.startup_error}".splitlines()[0], file=sys.stderr)
-        raise SystemExit(1)
+    code = 0
+    if state.startup_error:
+        print(f"mae-serve: {state.startup_error}".splitlines()[0], file=sys.stderr)
+        code = 1
+    # Exit now: the interpreter's own exit would join the worker threads, and a decode still running for a request
+    # that was already answered 503 must not hold the process past its drain budget.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

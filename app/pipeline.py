@@ -49,9 +49,11 @@ def make_masking(entry: ModelEntry, params: ReconstructParams | EmbedParams, see
 
 
 async def _decode(state: AppState, data: bytes, size: int, resize: str) -> torch.Tensor:
+    s = state.settings
+
     def work() -> torch.Tensor:
         # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
-        im = imaging.decode(data, state.settings.max_image_pixels, min_side=size)
+        im = imaging.decode(data, s.max_image_pixels, min_side=size, max_jpeg_scans=s.max_jpeg_scans)
         return imaging.preprocess(im, size, resize)  # type: ignore[arg-type]
 
     try:

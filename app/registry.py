@@ -107,6 +107,11 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    @property
+    def max_patches(self) -> int:
+        """The largest patch count of the loaded models: no mask may name more patches than this."""
+        return max(e.config.num_patches for e in self.entries.values())
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
         device = resolve_device(settings.device)

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 View = Literal["paste", "reconstruction", "masked", "original", "grid", "error"]
 VIEWS: tuple[str, ...] = ("paste", "reconstruction", "masked", "original", "grid", "error")
@@ -39,17 +39,24 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _parse_mask(v: Any) -> list[int] | None:
+def _parse_mask(v: Any, max_patches: int | None = None) -> list[int] | None:
+    """A mask string or list -> indices. With `max_patches` (the largest loaded model's patch count), a mask that
+    names more patches than that is refused from its length, before it is split: it cannot be a valid mask."""
     if v is None or v == "":
         return None
     if isinstance(v, str):
+        if max_patches is not None and v.count(",") >= max_patches:
+            raise ValueError(f"mask names more patches than the model has ({max_patches}); at least one stays visible")
         parts = [p.strip() for p in v.split(",") if p.strip()]
         # ASCII digits only: int() alone would also take "1_0" and non-ASCII (e.g. Arabic-Indic) digits.
         if not all(_INDEX.fullmatch(p) for p in parts):
             raise ValueError("mask must be comma-separated integers (masked patch indices, row-major)")
         return [int(p) for p in parts]
-    if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return v
+    if isinstance(v, list):
+        if max_patches is not None and len(v) >= max_patches:
+            raise ValueError(f"mask names more patches than the model has ({max_patches}); at least one stays visible")
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            return v
     raise ValueError("mask must be a list of integers or a comma-separated string")
 
 
@@ -71,8 +78,8 @@ class _Common(BaseModel):
 
     @field_validator("mask", mode="before")
     @classmethod
-    def _mask(cls, v: Any) -> list[int] | None:
-        return _parse_mask(v)
+    def _mask(cls, v: Any, info: ValidationInfo) -> list[int] | None:
+        return _parse_mask(v, (info.context or {}).get("max_patches"))
 
 
 class ReconstructParams(_Common):
@@ -97,16 +104,19 @@ def merge_params(query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def parse_params(cls: type[_Common], query: dict[str, str], body: dict[str, Any]) -> Any:
+def parse_params(
+    cls: type[_Common], query: dict[str, str], body: dict[str, Any], max_patches: int | None = None
+) -> Any:
     try:
-        return cls.model_validate(merge_params(query, body))
+        return cls.model_validate(merge_params(query, body), context={"max_patches": max_patches})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "parameters"
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown parameter"
-        raise APIError(422, "bad_parameter", f"{where}: {msg}") from None
+        code = "bad_mask" if first["loc"][:1] == ("mask",) else "bad_parameter"
+        raise APIError(422, code, f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------- response bodies (for OpenAPI and clients)

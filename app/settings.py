@@ -52,6 +52,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap, counted while reading")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height cap, checked before decoding")
     max_images_per_request: int = Field(16, ge=1)
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="scans per JPEG, counted before decoding (a progressive decode walks the image once per scan); "
+        "libjpeg's progressive default writes 10",
+    )
+    max_param_bytes: int = Field(
+        64 * 1024, ge=256, description="size of one parameter value (form field or JSON value), checked before parsing"
+    )
+
+    # --- connections (a silent or slow client must not hold the server)
+    limit_concurrency: int = Field(
+        128, ge=1, description="requests served at once (probes and /metrics not counted); beyond: 503 Retry-After"
+    )
+    max_connections: int = Field(
+        2048, ge=16, description="open connections; at most the open-file limit minus a reserve"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="time for a request head to arrive; then 408")
+    body_timeout_s: float = Field(60.0, gt=0, description="time for a request body to arrive; then 408")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
 
     # --- security and lifecycle
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")

@@ -330,7 +330,7 @@ def test_body_cap_with_content_length_and_counts(weights):
 
 
 def test_chunked_bodies_over_the_cap_through_a_real_server(weights):
-    """No Content-Length: BodyLimitMiddleware counts the bytes as they arrive and answers 413 mid-stream."""
+    """No Content-Length: the BodyGuard middleware counts the bytes as they arrive and answers 413 mid-stream."""
     s = Settings(weights=str(weights), max_body_bytes=64 * 1024, log_level="warning")
     with live_server(s) as (url, _), httpx.Client(base_url=url, timeout=20) as h:
         sent = collections.Counter()
@@ -527,6 +527,23 @@ def test_every_v1_route_needs_a_key_and_the_open_routes_stay_open(weights):
     with hostile_client(weights, metrics_require_key=True) as c:  # no keys configured: nothing to require
         assert c.get("/metrics").status_code == 200
         assert call(c, "GET", "/v1/models", None).status_code == 200
+
+
+def test_openapi_declares_the_bearer_scheme_exactly_when_keys_are_on(weights):
+    """So /docs "Try it out" can send the key: an HTTP bearer scheme on every /v1 operation, only with MAE_API_KEYS."""
+    with hostile_client(weights, api_keys="k") as c:
+        spec = c.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["bearer"] == {
+            "type": "http", "scheme": "bearer", "description": "one of MAE_API_KEYS"}  # fmt: skip
+        for method, path in v1_routes(c):
+            assert spec["paths"][path][method.lower()]["security"] == [{"bearer": []}], path
+        assert "security" not in spec["paths"]["/healthz"]["get"] and "security" not in spec["paths"]["/metrics"]["get"]
+    with hostile_client(weights, api_keys="k", metrics_require_key=True) as c:
+        assert c.get("/openapi.json").json()["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    with hostile_client(weights) as c:
+        spec = c.get("/openapi.json").json()
+        assert "securitySchemes" not in spec.get("components", {})
+        assert not any("security" in op for ops in spec["paths"].values() for op in ops.values())
 
 
 def test_cors_is_off_unless_origins_are_set(weights):

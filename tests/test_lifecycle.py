@@ -137,11 +137,11 @@ def test_draining_flag_is_set_synchronously_by_the_signal_handler(weights):
     """What makes /readyz 503 'at once': the handler itself marks the app draining, before uvicorn's next tick."""
     import uvicorn
 
-    from app.main import _Server
+    from app.server import Server
 
     with app_client(Settings(weights=str(weights))) as c:
         assert c.get("/readyz").status_code == 200
-        server = _Server(uvicorn.Config(c.app), c.app.state.mae)
+        server = Server(uvicorn.Config(c.app), c.app.state.mae, drain_s=20)
         server.handle_exit(signal.SIGTERM, None)
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "draining"} and r.headers["retry-after"] == "1"

@@ -115,8 +115,8 @@ async def embed(
     model: Annotated[str | None, Query(description="model name, when several are loaded")] = None,
     resize: Annotated[str | None, Query(description="squash|crop|pad")] = None,
 ) -> Response:
-    images, fields = await read_inputs(request, state.settings)
-    params = parse_params(EmbedParams, query_dict(request), fields)
+    images, fields = await read_inputs(request, state.settings, state.io_pool)
+    params = parse_params(EmbedParams, query_dict(request), fields, state.registry.max_patches)
     entry, seed, deadline = resolve(state, request, params)
     results = await run_each(images, lambda b: embed_one(state, entry, params, b, seed, deadline))
     if params.format != "json":

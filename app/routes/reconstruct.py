@@ -50,8 +50,8 @@ async def reconstruct(
     model: Annotated[str | None, Query(description="model name, when several are loaded")] = None,
     resize: Annotated[str | None, Query(description="squash|crop|pad")] = None,
 ) -> Response:
-    images, fields = await read_inputs(request, state.settings)
-    params = parse_params(ReconstructParams, query_dict(request), fields)
+    images, fields = await read_inputs(request, state.settings, state.io_pool)
+    params = parse_params(ReconstructParams, query_dict(request), fields, state.registry.max_patches)
     entry, seed, deadline = resolve(state, request, params)
     if params.format == "png" and len(images) > 1:
         raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")

@@ -1,0 +1,153 @@
+"""Start a real mae-serve process on a free loopback port and wait until it is ready.
+
+One harness for the tests, the benchmarks and the smoke checks, so "start, wait for /readyz, stop" is written once.
+The process's output goes to a file, never a pipe: a server that logs a lot must not block on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m <module>` (default: `app.main`, what `mae-serve` runs) with MAE_* settings from `env`.
+
+    prefix: a command to run it under (e.g. `["prlimit", "--nofile=256:256"]`).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        module: str = "app.main",
+        args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        cwd: str | Path = REPO,
+    ) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.env = {"MAE_HOST": host, "MAE_PORT": str(self.port), "MAE_LOG_LEVEL": "warning", **(env or {})}
+        self.command = [*prefix, sys.executable, "-m", module, *args]
+        self.cwd = Path(cwd)
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="mae-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_s = float("nan")
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> ServerProcess:
+        env = {**os.environ, **self.env}
+        # The checkout's own packages first, whatever the caller's working directory.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.cwd), os.environ.get("PYTHONPATH")]))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Block until /readyz answers 200; returns the seconds since start. Raises if the process exits first."""
+        assert self.proc is not None, "start() first"
+        end = self._t0 + timeout
+        with httpx.Client(base_url=self.url, timeout=2.0) as client:
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        self.ready_s = time.monotonic() - self._t0
+                        return self.ready_s
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send `sig` and wait; kill after `timeout`. Returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ looking at it
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def status_kib(self, field: str) -> int:
+        """A `/proc/PID/status` field in KiB: VmHWM (peak resident memory), VmRSS, ..."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all threads) from /proc/PID/stat."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in Prometheus text whose labels include `labels`; 0 if none."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        have = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if "=" in kv)
+        if all(have.get(k, "").strip('"') == v for k, v in labels.items()):
+            total += float(value)
+    return total
