@@ -24,13 +24,16 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/mae-serve $(ARGS)
 
+# One layer: make test PYTEST_ARGS="-m unit" (or integration, browser, container, soak).
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Benchmarks (BENCHMARKS.md): ceiling, end to end vs the baseline, cold start; ~9 min on 2 cores.
 # ARGS=--pause-training stops the background training job for each step's window.

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                     key = "mean" if pool == "all" else pool
                     np.save(a.out, arrays[key])
                 else:
-                    np.savez(a.out, **arrays)
+                    np.savez(a.out, **arrays)  # type: ignore[arg-type]
                 print(f"wrote {a.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))
     except MAEError as e:
         print(f"mae-client: {e}", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""The dynamic batcher: requests wait in one bounded queue, a worker forms batches and runs the model.
+"""The dynamic batcher: requests wait in one bounded queue, a worker forms batches and hands them to the model thread.
 
-Items batch together when they share (model, operation, visible-patch count, input size): one forward pass
-then serves them all. The model runs in one dedicated thread per engine, so the event loop never blocks and
-only this module touches the device. While a batch computes, new requests queue up and form the next batch,
-so under load batches grow by themselves; `max_wait_ms` only decides how long a lone partial batch waits.
+Items batch together when they share (model, operation, visible-patch count, input size): one forward pass then
+serves them all. While a batch computes, new requests queue up and form the next batch, so under load batches grow
+by themselves; `max_wait_ms` only decides how long a lone partial batch waits for images still being decoded.
+What a batch runs is the `forward` function the engine is given (app.model_thread.forward; tests give a slow one).
 """
 
 from __future__ import annotations
@@ -11,107 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from app import metrics
-from app.registry import ModelEntry, Registry
+from app import metrics, model_thread
+from app.model_thread import Forward, Op, OutOfMemory, Result
+from app.registry import ModelEntry
 from model.masking import Masking
 
 log = logging.getLogger("mae.engine")
-
-Op = Literal["reconstruct", "embed"]
-CpuKernels = Literal["auto", "onednn", "onednn-packed", "stock"]
-
-
-# ---------------------------------------------------------------------------------------------- CPU kernels
-class OneDNNLinear(nn.Linear):
-    """An nn.Linear whose fp32 CPU inference runs oneDNN's matmul instead of PyTorch's default BLAS sgemm.
-
-    Same parameters and state dict; results equal to fp32 rounding (~1e-6). Why: PyTorch's fp32 linear goes to MKL,
-    whose sgemm takes its AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it. On the AMD EPYC of
-    BENCHMARKS.md that is 2.3x the GEMM throughput and 2x a whole ViT-B forward. `_packed` (optional) holds the
-    weight pre-reordered into oneDNN's blocked layout: ~5-9% faster again, for a second copy of the weights.
-    """
-
-    _packed: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            w = self._packed if self._packed is not None else self.weight
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        return super().forward(x)
-
-
-def onednn_linear_works() -> bool:
-    """oneDNN's linear is in this build and agrees with stock PyTorch on a probe."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    try:
-        g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(s, generator=g) for s in ((2, 5, 48), (40, 48), (40,)))
-        with torch.inference_mode():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    except Exception:  # any failure means: keep PyTorch's own kernels
-        return False
-
-
-def onednn_is_faster(layer: nn.Linear, tokens: int = 197, margin: float = 1.05) -> bool:
-    """Time the model's widest linear layer on a ViT-sized input (best of 5, each kernel): oneDNN by `margin` or more?
-
-    A few tens of milliseconds at start-up; it keeps PyTorch's kernels on CPUs where they are as fast (MKL on
-    Intel AVX-512 parts can be), and picks oneDNN where they are not (AMD: 2x).
-    """
-    x = torch.randn(tokens, layer.in_features)
-
-    def best(fn: Callable[[], torch.Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    with torch.inference_mode():
-        stock = best(lambda: F.linear(x, layer.weight, layer.bias))
-        onednn = best(lambda: torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], ""))
-    log.info("linear %dx%d on %d tokens: stock %.2f ms, oneDNN %.2f ms", layer.in_features, layer.out_features,
-             tokens, stock * 1e3, onednn * 1e3)  # fmt: skip
-    return onednn * margin <= stock
-
-
-def prepare_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> int:
-    """Switch the fp32 nn.Linear layers of a CPU model to OneDNNLinear in place; returns how many (0 = unchanged).
-
-    auto: oneDNN if it works here and is faster on the model's widest linear layer (`onednn_is_faster`).
-    """
-    if kernels == "stock" or not onednn_linear_works():
-        return 0
-    layers = [
-        m for m in model.modules()
-        if type(m) is nn.Linear and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"
-    ]  # fmt: skip
-    if not layers:
-        return 0
-    if kernels == "auto" and not onednn_is_faster(max(layers, key=lambda m: m.weight.numel())):
-        return 0
-    for m in layers:
-        m.__class__ = OneDNNLinear
-        if kernels == "onednn-packed":
-            # The batch-size hint only steers the layout choice; any batch size runs (and matches) afterwards.
-            m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 256)
-    return len(layers)
 
 
 class EngineError(Exception):
@@ -130,54 +42,7 @@ class ComputeFailed(EngineError):
     pass
 
 
-# ---------------------------------------------------------------------------------------------- the model thread
-_model_thread: ThreadPoolExecutor | None = None
-_model_thread_ident: int | None = None
-_model_thread_lock = threading.Lock()
-
-
-def _mark_model_thread() -> None:
-    global _model_thread_ident
-    _model_thread_ident = threading.get_ident()
-
-
-def model_thread() -> ThreadPoolExecutor:
-    """The process's one model thread: loading, warm-up and every batch run here, and nowhere else runs torch ops big
-    enough to go parallel (image conversions are numpy, in app/imaging.py).
-
-    Why one: PyTorch's OpenMP on Linux (libgomp) gives every thread that starts a parallel region its own worker
-    threads, and once the process holds more of those than CPUs, libgomp stops letting idle workers spin: they
-    sleep and are woken for each of the thousands of parallel regions of a forward pass. On 2 cores that made a
-    ViT-B forward 16% slower, and the small demo model's 2x slower, in any thread but the first to go parallel.
-    """
-    global _model_thread
-    with _model_thread_lock:
-        if _model_thread is None:
-            _model_thread = ThreadPoolExecutor(1, thread_name_prefix="mae-model", initializer=_mark_model_thread)
-        return _model_thread
-
-
-def on_model_thread() -> bool:
-    return threading.get_ident() == _model_thread_ident
-
-
-@dataclass
-class WorkItem:
-    entry: ModelEntry
-    op: Op
-    image: torch.Tensor  # (3, H, W) float32 in [0, 1], on the CPU
-    masking: Masking | None  # one row; None = every patch (embeddings)
-    future: asyncio.Future
-    deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
-    enqueued: float = field(default_factory=time.monotonic)
-
-    @property
-    def key(self) -> tuple:
-        keep = self.masking.len_keep if self.masking is not None else -1
-        return (self.entry.name, self.op, keep, tuple(self.image.shape))
-
-
-def _cancel_reason(future: asyncio.Future) -> str:
+def _cancel_reason(future: asyncio.Future[Result]) -> str:
     """Why a queued item's future was cancelled: the message app.middleware gave its request's cancel()."""
     try:
         future.result()
@@ -188,24 +53,33 @@ def _cancel_reason(future: asyncio.Future) -> str:
     return "answered"
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+@dataclass
+class WorkItem:
+    entry: ModelEntry
+    op: Op
+    image: torch.Tensor  # (3, H, W) float32 in [0, 1], on the CPU
+    masking: Masking | None  # one row; None = every patch (embeddings)
+    future: asyncio.Future[Result]
+    deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, Op, int, tuple[int, ...]]:
+        keep = self.masking.len_keep if self.masking is not None else -1
+        return (self.entry.name, self.op, keep, tuple(self.image.shape))
 
 
 class Engine:
     def __init__(
         self,
-        registry: Registry,
+        forward: Forward = model_thread.forward,
         *,
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
-        cpu_kernels: CpuKernels = "auto",
         cpu_max_batch_size: int | None = None,
     ) -> None:
-        self.registry = registry
-        self._executor = model_thread()
-        self._executor.submit(self._prepare, registry, cpu_kernels).result()
+        self.forward = forward
         self.max_batch_size = max_batch_size
         self.cpu_max_batch_size = cpu_max_batch_size or max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -232,7 +106,7 @@ class Engine:
         image: torch.Tensor,
         masking: Masking | None,
         deadline: float | None = None,
-    ) -> Any:
+    ) -> Result:
         """Queue one image; returns the model's per-image output. Raises Overloaded when the queue is full."""
         if self._closing:
             metrics.REJECTS.labels("draining").inc()
@@ -263,12 +137,6 @@ class Engine:
             return min(self.max_batch_size, self.cpu_max_batch_size)
         return self.max_batch_size
 
-    def run_sync(self, entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Any]:
-        """Run one batch on the model thread, blocking until done (warm-up, benchmarks)."""
-        if on_model_thread():
-            return self._compute(entry, op, images, masking)
-        return self._executor.submit(self._compute, entry, op, images, masking).result()
-
     async def close(self, timeout: float) -> None:
         """Stop taking work, let queued items finish for up to `timeout` seconds, then fail the rest."""
         self._closing = True
@@ -281,7 +149,7 @@ class Engine:
         self._queue.clear()
         if self._worker:
             self._worker.cancel()
-        # The model thread is the process's (model_thread()), not this engine's: it stays for a next app (tests).
+        # The model thread is the process's (app.model_thread), not this engine's: it stays for a next app (tests).
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
@@ -299,17 +167,25 @@ class Engine:
                 for it in batch:
                     metrics.QUEUE_WAIT.observe(start - it.enqueued)
                 first = batch[0]
-                masking = Masking.cat([it.masking for it in batch]) if first.masking is not None else None
+                masking = Masking.cat([it.masking for it in batch if it.masking is not None]) if first.masking else None
                 try:
                     results = await loop.run_in_executor(
-                        self._executor, self._compute_items, first.entry, first.op, [it.image for it in batch], masking
+                        model_thread.executor(),
+                        model_thread.compute,
+                        self.forward,
+                        first.entry,
+                        first.op,
+                        [it.image for it in batch],
+                        masking,
                     )
                 except Exception as e:  # answer every item; the engine itself keeps running
-                    if isinstance(e, EngineError):  # expected (out of memory even at batch 1): no traceback
+                    err: EngineError
+                    if isinstance(e, OutOfMemory):  # expected (out of memory even at batch 1): no traceback
                         log.warning("batch of %d refused: %s", len(batch), e)
+                        err = Overloaded(str(e))
                     else:
                         log.exception("batch of %d failed", len(batch))
-                    err = e if isinstance(e, EngineError) else ComputeFailed(f"{type(e).__name__}: {e}")
+                        err = ComputeFailed(f"{type(e).__name__}: {e}")
                     for it in batch:
                         if not it.future.done():
                             it.future.set_exception(err)
@@ -343,7 +219,8 @@ class Engine:
             except TimeoutError:
                 break
         self._drop_expired()
-        batch, rest = [], deque()
+        batch: list[WorkItem] = []
+        rest: deque[WorkItem] = deque()
         while self._queue:
             it = self._queue.popleft()
             if it.key == key and len(batch) < cap and not it.future.done():
@@ -354,7 +231,7 @@ class Engine:
         metrics.QUEUE_DEPTH.set(len(self._queue))
         return batch
 
-    def _count(self, key: tuple) -> int:
+    def _count(self, key: tuple[str, Op, int, tuple[int, ...]]) -> int:
         return sum(1 for it in self._queue if it.key == key)
 
     def _drop_expired(self) -> None:
@@ -371,72 +248,3 @@ class Engine:
             keep.append(it)
         self._queue = keep
         metrics.QUEUE_DEPTH.set(len(keep))
-
-    # ------------------------------------------------------------------ model thread
-    @staticmethod
-    def _prepare(registry: Registry, cpu_kernels: CpuKernels) -> None:
-        for entry in registry.entries.values():
-            if entry.device.type == "cpu" and entry.dtype == torch.float32:
-                n = prepare_cpu_kernels(entry.model, cpu_kernels)
-                used = ("onednn" if cpu_kernels == "auto" else cpu_kernels) if n else "stock"
-                entry.info["cpu_kernels"] = used
-                log.info("%s: fp32 linear layers on %s kernels (MAE_CPU_KERNELS=%s)", entry.name, used, cpu_kernels)
-
-    def _compute_items(
-        self, entry: ModelEntry, op: Op, images: list[torch.Tensor], masking: Masking | None
-    ) -> list[Any]:
-        # Stacking copies the whole batch: done here, so the event loop never runs a parallel torch op.
-        return self._compute(entry, op, torch.stack(images), masking)
-
-    def _compute(self, entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Any]:
-        """Run the model on a batch; on out-of-memory, split the batch in halves and retry."""
-        try:
-            return self._forward(entry, op, images, masking)
-        except Exception as e:
-            if not _is_oom(e):
-                raise
-            if entry.device.type == "cuda":
-                torch.cuda.empty_cache()
-            n = images.shape[0]
-            if n == 1:
-                metrics.REJECTS.labels("out_of_memory").inc()
-                raise Overloaded("the model ran out of memory on this request") from None
-            log.warning("out of memory on a batch of %d; splitting", n)
-            half = n // 2
-            parts = []
-            for sl in (slice(0, half), slice(half, n)):
-                sub = Masking(masking.noise[sl], masking.len_keep) if masking is not None else None
-                parts.extend(self._compute(entry, op, images[sl], sub))
-            return parts
-
-    @staticmethod
-    def _forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Any]:
-        model = entry.model
-        x = images.to(entry.device, entry.dtype, non_blocking=True)
-        with torch.inference_mode():
-            if op == "embed":
-                out = model.encode(x, masking)
-                mean = out.patches.mean(dim=1)
-                return [
-                    {
-                        "cls": None if out.cls is None else out.cls[i].float().cpu(),
-                        "mean": mean[i].float().cpu(),
-                        "patches": out.patches[i].float().cpu(),
-                        "patch_indices": out.patch_indices[i].cpu(),
-                        "grid": out.grid,
-                    }
-                    for i in range(x.shape[0])
-                ]
-            out = model.reconstruct(x, masking)
-            return [
-                {
-                    "reconstruction": out.reconstruction[i].float().cpu(),
-                    "paste": out.paste[i].float().cpu(),
-                    "masked": out.masked[i].float().cpu(),
-                    "mask": out.mask[i].float().cpu(),
-                    "patch_error": out.patch_error[i].float().cpu(),
-                    "mse": float(out.mse[i]),
-                    "grid": out.grid,
-                }
-                for i in range(x.shape[0])
-            ]

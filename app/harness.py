@@ -29,8 +29,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """`python -m <module>` (default: `app.main`, what `mae-serve` runs) with MAE_* settings from `env`.
+    """`python -m <module>` (default: `app.cli`, what `mae-serve` runs) with MAE_* settings from `env`.
 
+    args: its arguments; "{host}" and "{port}" in them are filled in (another server, e.g. a baseline, takes those).
+    command: run this instead of `python -m <module> args` (e.g. an installed `mae-serve`).
     prefix: a command to run it under (e.g. `["prlimit", "--nofile=256:256"]`).
     """
 
@@ -38,36 +40,44 @@ class ServerProcess:
         self,
         env: Mapping[str, str] | None = None,
         *,
-        module: str = "app.main",
+        module: str = "app.cli",
         args: Sequence[str] = (),
+        command: Sequence[str] | None = None,
         prefix: Sequence[str] = (),
         host: str = "127.0.0.1",
         port: int | None = None,
         log_path: str | Path | None = None,
+        split_stderr: bool = False,
         cwd: str | Path = REPO,
     ) -> None:
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.env = {"MAE_HOST": host, "MAE_PORT": str(self.port), "MAE_LOG_LEVEL": "warning", **(env or {})}
-        self.command = [*prefix, sys.executable, "-m", module, *args]
+        filled = [a.format(host=host, port=self.port) for a in args]
+        self.command = [*prefix, *(command or [sys.executable, "-m", module]), *filled]
         self.cwd = Path(cwd)
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="mae-serve-", suffix=".log")[1])
+        # split_stderr: stderr to its own file (`stderr()`), e.g. to check that a failure is one line there.
+        self.err_path = self.log_path.with_suffix(".err") if split_stderr else None
         self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_s = float("nan")
+        self.listening_s = self.ready_s = float("nan")  # seconds from start to the port open, to /readyz 200
 
     # ------------------------------------------------------------------ life
     def start(self) -> ServerProcess:
         env = {**os.environ, **self.env}
-        # The checkout's own packages first, whatever the caller's working directory.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.cwd), os.environ.get("PYTHONPATH")]))
+        # The checkout's own packages first (cwd; then this repository's, for another checkout of app/ only).
+        paths = [str(self.cwd), str(REPO), os.environ.get("PYTHONPATH")]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "wb") as log, open(self.err_path or os.devnull, "wb") as err:
+            stderr = err if self.err_path else subprocess.STDOUT
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=stderr)
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> float:
-        """Block until /readyz answers 200; returns the seconds since start. Raises if the process exits first."""
+    def wait_ready(self, timeout: float = 120.0, poll_s: float = 0.05) -> float:
+        """Block until /readyz answers 200; returns the seconds since start (`ready_s`; the port opened at
+        `listening_s`). Raises if the process exits first, or kills it after `timeout`."""
         assert self.proc is not None, "start() first"
         end = self._t0 + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as client:
@@ -75,12 +85,15 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
                 try:
-                    if client.get("/readyz").status_code == 200:
+                    status = client.get("/readyz").status_code
+                    if self.listening_s != self.listening_s:  # nan: the first answer
+                        self.listening_s = time.monotonic() - self._t0
+                    if status == 200:
                         self.ready_s = time.monotonic() - self._t0
                         return self.ready_s
                 except httpx.TransportError:
                     pass
-                time.sleep(0.05)
+                time.sleep(poll_s)
         self.kill()
         raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
 
@@ -117,6 +130,10 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        assert self.err_path is not None, "ServerProcess(split_stderr=True) keeps stderr apart"
+        return self.err_path.read_text(errors="replace")
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])

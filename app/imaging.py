@@ -1,4 +1,4 @@
-"""Bytes -> pixels -> bytes. Decode with limits first, preprocess like the official demo, encode PNGs.
+"""Bytes -> the model's input. Decode with limits first, then preprocess like the official demo.
 
 Policy for unusual images (documented in the README):
 - formats: PNG, JPEG, WebP, single frame only (animated PNG/WebP refused; of a multi-picture JPEG only the first
@@ -10,10 +10,7 @@ Policy for unusual images (documented in the README):
 from __future__ import annotations
 
 import io
-import math
 import re
-import struct
-import zlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -34,11 +31,23 @@ _MAGIC = {
 
 
 class ImageError(ValueError):
-    """A client's image we will not process. `status` and `code` go into the error answer."""
+    """A client's image we will not process; `code` names why (app.errors picks the status from the class)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.code = code
+
+
+class ImageTooLarge(ImageError):
+    """Over a limit (pixels, scans): refused before decoding."""
+
+
+class UnsupportedImage(ImageError):
+    """Not a format (or a kind of image) the service takes."""
+
+
+class UnreadableImage(ImageError):
+    """Empty, truncated or corrupt."""
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -51,7 +60,7 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def decode(data: bytes, max_pixels: int, min_side: int | None = None, max_jpeg_scans: int = 32) -> Image.Image:
-    """Bytes -> an RGB PIL image, or ImageError (400 undecodable, 413 too many pixels or scans, 415 unsupported).
+    """Bytes -> an RGB PIL image, or an ImageError: UnreadableImage, ImageTooLarge (pixels or scans), UnsupportedImage.
 
     The work is bounded before any pixel is decoded: width x height from the header against `max_pixels`, and for a
     JPEG the number of scans against `max_jpeg_scans` (a progressive decoder walks every block of the image once per
@@ -63,36 +72,38 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, max_jpeg_s
     2x faster to decode and 3x faster to resize, and the bicubic resize that follows sees the same detail.
     """
     if not data:
-        raise ImageError(400, "empty_image", "the image is empty (0 bytes)")
+        raise UnreadableImage("empty_image", "the image is empty (0 bytes)")
     fmt = sniff_format(data)
     if fmt is None:
-        raise ImageError(415, "unsupported_type", "unsupported image type: send PNG, JPEG or WebP")
+        raise UnsupportedImage("unsupported_type", "unsupported image type: send PNG, JPEG or WebP")
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(400, "undecodable", f"cannot read the {fmt} header: {e}") from None
+    except UnidentifiedImageError:  # its message names the in-memory file object: say the same thing, stably
+        raise UnreadableImage("undecodable", f"cannot read the {fmt} header: not a valid {fmt} file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImage("undecodable", f"cannot read the {fmt} header: {e}") from None
     w, h = im.size
     if w < 1 or h < 1:
-        raise ImageError(400, "undecodable", f"image has no pixels ({w}x{h})")
+        raise UnreadableImage("undecodable", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(413, "too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        raise ImageTooLarge("too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
     if fmt == "JPEG" and (scans := jpeg_scan_count(data, stop_after=max_jpeg_scans)) > max_jpeg_scans:
-        raise ImageError(
-            413, "too_many_scans", f"the JPEG has more than {max_jpeg_scans} scans (found {scans}); re-encode it"
+        raise ImageTooLarge(
+            "too_many_scans", f"the JPEG has more than {max_jpeg_scans} scans (found {scans}); re-encode it"
         )
     # A JPEG with several pictures (MPO: the gain map of an "Ultra HDR" phone photo, a stereo pair) is no animation:
     # its first picture is the photo, and only that one is ever decoded.
     if getattr(im, "n_frames", 1) > 1 and fmt != "JPEG":
-        raise ImageError(415, "animated", "animated images are not supported: send a single frame")
+        raise UnsupportedImage("animated", "animated images are not supported: send a single frame")
     if min_side and fmt == "JPEG":
         im.draft(None, (min_side, min_side))
     try:
         im.load()
         return to_rgb(im)
     except Image.DecompressionBombError as e:
-        raise ImageError(413, "too_many_pixels", str(e)) from None
+        raise ImageTooLarge("too_many_pixels", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(400, "undecodable", f"the {fmt} data is truncated or corrupt: {e}") from None
+        raise UnreadableImage("undecodable", f"the {fmt} data is truncated or corrupt: {e}") from None
 
 
 # In entropy-coded data 0xFF is followed by 0x00 (stuffing) or RSTn; anything else (but fill 0xFF) is a marker.
@@ -195,75 +206,3 @@ def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> torch
     a = np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32)
     a /= 255.0
     return torch.from_numpy(a)
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8. numpy, for the reason given in `preprocess`."""
-    a = np.clip(img.detach().float().cpu().numpy(), 0, 1) * 255.0 + 0.5
-    return np.ascontiguousarray(a.astype(np.uint8).transpose(1, 2, 0))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> an 8-bit RGB PNG.
-
-    Written here rather than by Pillow: every row uses PNG's "Sub" filter (each byte minus the one a pixel to its
-    left, computed by numpy for the whole image at once) and zlib level 1 with the RLE strategy. That is ~2x
-    faster than Pillow's `save(compress_level=1)` (1.3 vs 2.4 ms for 224 x 224 on the benchmark machine) for
-    files ~4% larger, and 6x faster than Pillow's default level. Any PNG decoder reads it.
-    """
-    a = np.ascontiguousarray(img, dtype=np.uint8)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {a.shape}")
-    h, w, _ = a.shape
-    rows = a.reshape(h, w * 3)
-    raw = np.empty((h, w * 3 + 1), dtype=np.uint8)
-    raw[:, 0] = 1  # filter type Sub
-    raw[:, 1:4] = rows[:, :3]
-    np.subtract(rows[:, 3:], rows[:, :-3], out=raw[:, 4:])  # uint8 arithmetic wraps modulo 256, as PNG wants
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = z.compress(raw.data) + z.flush()
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB), no interlace
-    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-# A perceptually ordered ramp (dark -> bright) for the error heatmap; 0 = perfect, 1 = worst.
-_RAMP = np.array(
-    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
-     [252, 255, 164]], dtype=np.float32)  # fmt: skip
-
-
-def error_heatmap(patch_error: torch.Tensor, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """Per-patch MSE -> (H, W, 3) uint8 heatmap. Colour = RMSE in [0, 1] pixel units over 0..0.5 (fixed, so
-    heatmaps compare across images); visible patches are shown at 0."""
-    rmse = patch_error.float().clamp(min=0).sqrt().reshape(grid).numpy()
-    t = np.clip(rmse / 0.5, 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(t).astype(int)
-    hi = np.minimum(lo + 1, len(_RAMP) - 1)
-    frac = (t - lo)[..., None]
-    rgb = _RAMP[lo] * (1 - frac) + _RAMP[hi] * frac
-    rgb = rgb.astype(np.uint8).repeat(patch_size, axis=0).repeat(patch_size, axis=1)
-    return rgb
-
-
-def grid_view(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    """Panels side by side on white: original | masked | reconstruction | paste (the official demo's four)."""
-    h = max(p.shape[0] for p in panels)
-    w = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    out = np.full((h, w, 3), 255, dtype=np.uint8)
-    x = 0
-    for p in panels:
-        out[: p.shape[0], x : x + p.shape[1]] = p
-        x += p.shape[1] + gap
-    return out
-
-
-def psnr(mse: float) -> float | None:
-    """PSNR in dB for pixels in [0, 1]; None when the error is exactly 0 (nothing masked)."""
-    return None if mse <= 0 else 10.0 * math.log10(1.0 / mse)

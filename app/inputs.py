@@ -20,7 +20,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 
-from app.schemas import APIError
+from app.errors import APIError
 from app.settings import Settings
 
 RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}

@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterable
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.schemas import APIError
+from app.errors import APIError
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 FRAMING_ERROR = "mae.framing_error"  # scope key set by app.server when uvicorn answered 400 to a broken body
@@ -28,8 +27,9 @@ FRAMING_ERROR = "mae.framing_error"  # scope key set by app.server when uvicorn 
 class _Request:
     __slots__ = ("task", "started", "reason", "counted")
 
-    def __init__(self, task: asyncio.Task, counted: bool) -> None:
-        self.task, self.started, self.reason, self.counted = task, False, None, counted
+    def __init__(self, task: asyncio.Task[None], counted: bool) -> None:
+        self.task, self.started, self.counted = task, False, counted
+        self.reason: str | None = None
 
     def cancel(self, reason: str) -> None:
         """Cancel the request unless its answer has begun (an answer in progress is finished, not cut)."""
@@ -57,10 +57,6 @@ class InFlight:
             r.cancel("drain")
 
 
-def _error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
 class Lifecycle:
     """See the module docstring. `exempt`: paths outside the concurrency limit (probes, metrics)."""
 
@@ -81,7 +77,7 @@ class Lifecycle:
             metrics.REJECTS.labels("concurrency").inc()
             refusal = APIError(503, "overloaded", f"{inflight.limit} requests in progress", {**self.retry_after})
         if refusal is not None:
-            await _error(refusal)(scope, receive, send)
+            await refusal.response()(scope, receive, send)
             metrics.REQUESTS.labels("unmatched", "503").inc()
             return
 
@@ -121,7 +117,7 @@ class Lifecycle:
             if req.reason == "drain" and not req.started:
                 err = APIError(503, "overloaded", "the server shut down before this request was answered")
                 err.headers.update(self.retry_after, Connection="close")
-                await _error(err)(scope, receive, send)
+                await err.response()(scope, receive, send)
                 status = 503
             else:
                 status = CLIENT_CLOSED
@@ -159,7 +155,7 @@ class BodyGuard:
                 if too_big:
                     err = APIError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
                     err.headers["Connection"] = "close"
-                    return await _error(err)(scope, receive, send)
+                    return await err.response()(scope, receive, send)
         seen, done = 0, False
         deadline = asyncio.get_running_loop().time() + self.timeout_s
 

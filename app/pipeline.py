@@ -1,162 +1,140 @@
-"""One image's path through the service: decode -> preprocess -> mask -> engine -> encode.
+"""One image's path through the service, whatever the protocol: decode -> mask -> engine -> a typed result.
 
-Decode and encode run in the I/O thread pool (Pillow releases the GIL); the model runs in the engine.
-Each function returns a result dict or raises APIError, so a multi-image request can answer per image.
+`reconstruct` returns a `Reconstructed`, `embed` an `Embedded`; the front-ends (app/routes for /v1, app/v2 for the
+Open Inference Protocol) turn those into their own answers. Decoding runs in the I/O pool, the model in the engine.
+An image that cannot be served raises an `APIError` (app.errors), so a request with several images can answer each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import secrets
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
-import numpy as np
 import torch
 
 from app import imaging
-from app.deps import AppState
-from app.engine import ComputeFailed, DeadlineExceeded, Overloaded
+from app.errors import APIError, api_error
+from app.imaging import ResizeMode
+from app.model_thread import Op, Result
 from app.registry import ModelEntry
-from app.schemas import VIEWS, APIError, EmbedParams, ReconstructParams
-from model.mae import DecoderMissingError
+from app.service import Service
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
+from model.outputs import Embedding, Reconstruction
 
 T = TypeVar("T")
 
 
-async def _in_io_pool(state: AppState, fn: Callable[[], T]) -> T:
-    return await asyncio.get_running_loop().run_in_executor(state.io_pool, fn)
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which patches to hide: exactly `indices` when given, else a random `ratio` drawn from `seed`."""
+
+    ratio: float
+    seed: int
+    indices: list[int] | None = None
+
+    def masking(self, num_patches: int, encoder_only: bool) -> Masking | None:
+        """The official masking this names; None = every patch in raster order (embeddings at ratio 0)."""
+        if self.indices is not None:
+            try:
+                return explicit_masking(self.indices, num_patches)
+            except ValueError as e:
+                raise APIError(422, "bad_mask", str(e)) from None
+        if self.ratio == 0 and encoder_only:
+            return None
+        return Masking(random_noise(1, num_patches, seed=self.seed), len_keep_for_ratio(num_patches, self.ratio))
+
+    @property
+    def drawn_seed(self) -> int | None:
+        """The seed that drew the mask, None for an explicit one."""
+        return None if self.indices is not None else self.seed
 
 
-def draw_seed() -> int:
-    return secrets.randbelow(2**31)
+@dataclass(frozen=True)
+class Reconstructed:
+    model: ModelEntry
+    image: torch.Tensor  # (3, H, W) the model's input in [0, 1]: the "original" view
+    out: Reconstruction
+    seed: int | None  # None for an explicit mask
+
+    @property
+    def mask_indices(self) -> list[int]:
+        return torch.nonzero(self.out.mask, as_tuple=True)[0].tolist()
+
+    @property
+    def mask_ratio(self) -> float:
+        """The fraction of patches actually masked."""
+        return float(self.out.mask.sum()) / self.model.config.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
 
 
-def make_masking(entry: ModelEntry, params: ReconstructParams | EmbedParams, seed: int | None) -> Masking | None:
-    """Explicit mask > seed + ratio. None means: encode every patch (embeddings at ratio 0)."""
-    n = entry.config.num_patches
-    if params.mask is not None:
-        try:
-            return explicit_masking(params.mask, n)
-        except ValueError as e:
-            raise APIError(422, "bad_mask", str(e)) from None
-    if params.mask_ratio == 0 and isinstance(params, EmbedParams):
-        return None
-    assert seed is not None
-    return Masking(random_noise(1, n, seed=seed), len_keep_for_ratio(n, params.mask_ratio))
+@dataclass(frozen=True)
+class Embedded:
+    model: ModelEntry
+    out: Embedding
+    seed: int | None  # None when no random mask was drawn
+
+    @property
+    def mask_ratio(self) -> float:
+        return 1 - self.out.patches.shape[0] / self.model.config.num_patches
 
 
-async def _decode(state: AppState, data: bytes, size: int, resize: str) -> torch.Tensor:
-    s = state.settings
+async def reconstruct(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> Reconstructed:
+    if not entry.config.has_decoder:
+        raise APIError(422, "no_decoder", f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct")
+    image, out = await _run(service, entry, "reconstruct", data, mask, resize, deadline)
+    assert isinstance(out, Reconstruction)
+    return Reconstructed(entry, image, out, mask.drawn_seed)
 
-    def work() -> torch.Tensor:
-        # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
-        im = imaging.decode(data, s.max_image_pixels, min_side=size, max_jpeg_scans=s.max_jpeg_scans)
-        return imaging.preprocess(im, size, resize)  # type: ignore[arg-type]
 
-    try:
-        return await _in_io_pool(state, work)
-    except imaging.ImageError as e:
-        raise APIError(e.status, e.code, e.message) from None
+async def embed(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> Embedded:
+    image, out = await _run(service, entry, "embed", data, mask, resize, deadline)
+    assert isinstance(out, Embedding)
+    drew = mask.indices is None and mask.ratio != 0
+    return Embedded(entry, out, mask.seed if drew else None)
 
 
 async def _run(
-    state: AppState, entry: ModelEntry, op: str, image: torch.Tensor, masking: Masking | None, deadline: float | None
-) -> dict[str, Any]:
-    assert state.engine is not None
+    service: Service,
+    entry: ModelEntry,
+    op: Op,
+    data: bytes,
+    mask: MaskSpec,
+    resize: ResizeMode,
+    deadline: float | None,
+) -> tuple[torch.Tensor, Result]:
+    s, c = service.settings, entry.config
     try:
-        return await state.engine.submit(entry, op, image, masking, deadline)  # type: ignore[arg-type]
-    except Overloaded as e:
-        raise APIError(503, "overloaded", str(e), {"Retry-After": str(state.settings.retry_after_s)}) from None
-    except DeadlineExceeded as e:
-        raise APIError(504, "deadline_exceeded", str(e)) from None
-    except DecoderMissingError as e:
-        raise APIError(422, "no_decoder", str(e)) from None
-    except ComputeFailed as e:
-        raise APIError(500, "compute_failed", str(e)) from None
+        with service.engine.coming():  # while this decodes, a partial batch may wait for it (app.engine)
+            image = await asyncio.get_running_loop().run_in_executor(
+                service.io_pool, _decode, data, c.img_size, resize, s.max_image_pixels, s.max_jpeg_scans
+            )
+            masking = mask.masking(c.num_patches, encoder_only=op == "embed")
+        return image, await service.engine.submit(entry, op, image, masking, deadline)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise api_error(e, s.retry_after_s) from None
 
 
-def _b64png(a: np.ndarray) -> str:
-    return base64.b64encode(imaging.encode_png(a)).decode("ascii")
+def _decode(data: bytes, size: int, resize: ResizeMode, max_pixels: int, max_scans: int) -> torch.Tensor:
+    # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
+    im = imaging.decode(data, max_pixels, min_side=size, max_jpeg_scans=max_scans)
+    return imaging.preprocess(im, size, resize)
 
 
-_PANELS = ("original", "masked", "reconstruction", "paste")
-
-
-def render_view(entry: ModelEntry, original: torch.Tensor, out: dict[str, Any], view: str) -> np.ndarray:
-    """One view as (H, W, 3) uint8; only what that view needs is computed (a PNG answer has one view)."""
-    if view == "original":
-        return imaging.to_uint8(original)
-    if view in ("masked", "reconstruction", "paste"):
-        return imaging.to_uint8(out[view])
-    if view == "error":
-        return imaging.error_heatmap(out["patch_error"], out["grid"], entry.config.patch_size)
-    if view == "grid":
-        return imaging.grid_view([render_view(entry, original, out, k) for k in _PANELS])
-    raise ValueError(f"unknown view {view!r}")
-
-
-def render_views(entry: ModelEntry, original: torch.Tensor, out: dict[str, Any]) -> dict[str, np.ndarray]:
-    views = {k: render_view(entry, original, out, k) for k in (*_PANELS, "error")}
-    views["grid"] = imaging.grid_view([views[k] for k in _PANELS])
-    return views
-
-
-async def reconstruct_one(
-    state: AppState, entry: ModelEntry, params: ReconstructParams, data: bytes, seed: int | None, deadline: float | None
-) -> dict[str, Any]:
-    """-> {"png": bytes} for format=png, or the JSON result."""
-    if not entry.config.has_decoder:
-        raise APIError(422, "no_decoder", f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct")
-    assert state.engine is not None
-    with state.engine.coming():
-        image = await _decode(state, data, entry.config.img_size, params.resize)
-        masking = make_masking(entry, params, seed)
-    out = await _run(state, entry, "reconstruct", image, masking, deadline)
-    mask_idx = torch.nonzero(out["mask"], as_tuple=True)[0].tolist()
-    meta = {
-        "model": entry.name,
-        "seed": None if params.mask is not None else seed,
-        "mask_ratio": len(mask_idx) / entry.config.num_patches,
-        "patch_size": entry.config.patch_size,
-        "grid": list(out["grid"]),
-        "mask": mask_idx,
-        "mse": out["mse"],
-        "psnr": imaging.psnr(out["mse"]),
-    }
-    if params.format == "png":
-
-        def png() -> bytes:
-            return imaging.encode_png(render_view(entry, image, out, params.view))
-
-        return {"png": await _in_io_pool(state, png), "meta": meta}
-
-    def all_views() -> dict[str, str]:
-        views = render_views(entry, image, out)
-        return {k: _b64png(views[k]) for k in VIEWS}
-
-    return {**meta, "images": await _in_io_pool(state, all_views)}
-
-
-async def embed_one(
-    state: AppState, entry: ModelEntry, params: EmbedParams, data: bytes, seed: int | None, deadline: float | None
-) -> dict[str, Any]:
-    """-> tensors: cls (D) or None, mean (D), patches (K, D), patch_indices (K), grid."""
-    assert state.engine is not None
-    with state.engine.coming():
-        image = await _decode(state, data, entry.config.img_size, params.resize)
-        masking = make_masking(entry, params, seed)
-    out = await _run(state, entry, "embed", image, masking, deadline)
-    return {
-        "model": entry.name,
-        "dim": int(out["patches"].shape[-1]),
-        "grid": list(out["grid"]),
-        "seed": seed if masking is not None and params.mask is None else None,
-        "mask_ratio": 1 - out["patches"].shape[0] / entry.config.num_patches,
-        "cls": out["cls"],
-        "mean": out["mean"],  # computed on the model thread, with the batch
-        "patches": out["patches"],
-        "patch_indices": out["patch_indices"],
-    }
+async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | APIError]:
+    """Run `one` on every image concurrently (so they can share a batch); errors stay per image."""
+    results = await asyncio.gather(*(one(b) for b in images), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, APIError):
+            raise r
+    return results  # type: ignore[return-value]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from app.cpu_kernels import CpuKernels, prepare_cpu_kernels
+from app.schemas import ModelInfo
 from app.settings import Settings
-from model.checkpoint import LoadedModel, sha256_of
 from model.config import get_config
+from model.family import MaskedAutoencoder, ModelConfig
+from model.formats import CheckpointError, LoadedModel, load
 from model.mae import MAE
 
 log = logging.getLogger("mae.registry")
@@ -39,51 +41,48 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
-    model: Any  # MAE or another family with the same entry points
+    model: MaskedAutoencoder
     path: str
     format: str
     sha256: str
     device: torch.device
     dtype: torch.dtype
     random_init: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ModelConfig:
         return self.model.config
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelInfo:
         c = self.config
-        return {
-            "name": self.name,
-            "family": getattr(self.model, "family", "mae"),
-            "architecture": c.name,
-            "image_size": c.img_size,
-            "patch_size": c.patch_size,
-            "grid": list(c.grid_size),
-            "num_patches": c.num_patches,
-            "embed_dim": c.embed_dim,
-            "depth": getattr(c, "depth", None),
-            "decoder_embed_dim": getattr(c, "decoder_embed_dim", None) if c.has_decoder else None,
-            "decoder_depth": getattr(c, "decoder_depth", None) if c.has_decoder else None,
-            "parameters": self.model.num_parameters(),
-            "norm_pix_loss": c.norm_pix_loss,
-            "has_decoder": c.has_decoder,
-            "weights_path": self.path,
-            "weights_format": self.format,
-            "weights_sha256": self.sha256,
-            "random_init": self.random_init,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        return ModelInfo(
+            name=self.name,
+            family=self.model.family,
+            architecture=c.name,
+            image_size=c.img_size,
+            patch_size=c.patch_size,
+            grid=list(c.grid_size),
+            num_patches=c.num_patches,
+            embed_dim=c.embed_dim,
+            depth=c.depth,
+            decoder_embed_dim=c.decoder_embed_dim if c.has_decoder else None,
+            decoder_depth=c.decoder_depth if c.has_decoder else None,
+            parameters=self.model.num_parameters(),
+            norm_pix_loss=c.norm_pix_loss,
+            has_decoder=c.has_decoder,
+            weights_path=self.path,
+            weights_format=self.format,
+            weights_sha256=self.sha256,
+            random_init=self.random_init,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
 
 
 def _load_one(name: str, path: str) -> LoadedModel:
-    from model.checkpoint import CheckpointError, load
-
     if not Path(path).exists():
         raise ModelLoadError(f"model {name!r}: weights not found at {path}")
     try:
@@ -114,6 +113,7 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
+        """Load every model onto its device and dtype (run it on the model thread: see app.model_thread)."""
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         entries: dict[str, ModelEntry] = {}
@@ -122,7 +122,7 @@ class Registry:
                 entries[name] = cls._random_demo(name, device, dtype)
                 continue
             loaded = _load_one(name, path)
-            model = loaded.model.to(device=device, dtype=dtype).eval()
+            model = _place(loaded.model, device, dtype, settings.cpu_kernels, name)
             entries[name] = ModelEntry(name, model, loaded.path, loaded.format, loaded.sha256, device, dtype)
             log.info(
                 "loaded %s from %s (%s, sha256 %s) on %s/%s", name, path, loaded.format, loaded.sha256, device, dtype
@@ -136,8 +136,18 @@ class Registry:
         log.warning("Train one (README: 'Train the bundled model') or set MAE_WEIGHTS.")
         log.warning("!" * 72)
         torch.manual_seed(0)
-        model = MAE(get_config("mae_vit_demo_patch16")).to(device=device, dtype=dtype).eval()
+        model = _place(MAE(get_config("mae_vit_demo_patch16")), device, dtype, "auto", name)
         return ModelEntry(name, model, "(random init)", "random", "none", device, dtype, random_init=True)
 
 
-__all__ = ["ModelEntry", "ModelLoadError", "Registry", "resolve_device", "resolve_dtype", "sha256_of"]
+def _place(
+    model: MaskedAutoencoder, device: torch.device, dtype: torch.dtype, kernels: CpuKernels, name: str
+) -> MaskedAutoencoder:
+    """The model on its device and dtype, in eval mode, with the CPU kernels MAE_CPU_KERNELS asks for."""
+    assert isinstance(model, torch.nn.Module)
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and dtype == torch.float32:
+        n = prepare_cpu_kernels(model, kernels)
+        used = ("onednn" if kernels == "auto" else kernels) if n else "stock"
+        log.info("%s: fp32 linear layers on %s kernels (MAE_CPU_KERNELS=%s)", name, used, kernels)
+    return model

@@ -1,32 +1,8 @@
-"""Request parameters, response bodies and the one error shape.
-
-Parameters arrive as query parameters, form fields or JSON fields; they are merged (the same name given twice
-with different values is an error) and validated here, so routes only see clean values.
-"""
+"""The response bodies of /v1, as pydantic models: for OpenAPI (/docs) and for clients that want a schema."""
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-
-View = Literal["paste", "reconstruction", "masked", "original", "grid", "error"]
-VIEWS: tuple[str, ...] = ("paste", "reconstruction", "masked", "original", "grid", "error")
-MAX_SEED = 2**63 - 1
-_INDEX = re.compile(r"[+-]?[0-9]{1,18}")
-
-
-class APIError(Exception):
-    """Any error answer. Leaves the service as {"error": {"status", "code", "message"}}."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -39,87 +15,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _parse_mask(v: Any, max_patches: int | None = None) -> list[int] | None:
-    """A mask string or list -> indices. With `max_patches` (the largest loaded model's patch count), a mask that
-    names more patches than that is refused from its length, before it is split: it cannot be a valid mask."""
-    if v is None or v == "":
-        return None
-    if isinstance(v, str):
-        if max_patches is not None and v.count(",") >= max_patches:
-            raise ValueError(f"mask names more patches than the model has ({max_patches}); at least one stays visible")
-        parts = [p.strip() for p in v.split(",") if p.strip()]
-        # ASCII digits only: int() alone would also take "1_0" and non-ASCII (e.g. Arabic-Indic) digits.
-        if not all(_INDEX.fullmatch(p) for p in parts):
-            raise ValueError("mask must be comma-separated integers (masked patch indices, row-major)")
-        return [int(p) for p in parts]
-    if isinstance(v, list):
-        if max_patches is not None and len(v) >= max_patches:
-            raise ValueError(f"mask names more patches than the model has ({max_patches}); at least one stays visible")
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-            return v
-    raise ValueError("mask must be a list of integers or a comma-separated string")
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mask_ratio: float
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    mask: list[int] | None = None
-    model: str | None = Field(None, max_length=200)
-    resize: Literal["squash", "crop", "pad"] = "squash"
-
-    @field_validator("mask_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0.0 <= v < 1.0:
-            raise ValueError("mask_ratio must be a number with 0 <= mask_ratio < 1")
-        return v
-
-    @field_validator("mask", mode="before")
-    @classmethod
-    def _mask(cls, v: Any, info: ValidationInfo) -> list[int] | None:
-        return _parse_mask(v, (info.context or {}).get("max_patches"))
-
-
-class ReconstructParams(_Common):
-    mask_ratio: float = 0.75
-    view: View = "paste"
-    format: Literal["png", "json"] = "png"
-
-
-class EmbedParams(_Common):
-    mask_ratio: float = 0.0
-    pool: Literal["all", "cls", "mean", "patches"] = "all"
-    format: Literal["json", "npy", "npz"] = "json"
-    dtype: Literal["float32", "float16"] = "float32"
-
-
-def merge_params(query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(body)
-    for k, v in query.items():
-        if k in merged and str(merged[k]) != v:
-            raise APIError(422, "bad_parameter", f"parameter {k!r} given twice with different values")
-        merged.setdefault(k, v)
-    return merged
-
-
-def parse_params(
-    cls: type[_Common], query: dict[str, str], body: dict[str, Any], max_patches: int | None = None
-) -> Any:
-    try:
-        return cls.model_validate(merge_params(query, body), context={"max_patches": max_patches})
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "parameters"
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown parameter"
-        code = "bad_mask" if first["loc"][:1] == ("mask",) else "bad_parameter"
-        raise APIError(422, code, f"{where}: {msg}") from None
-
-
-# ---------------------------------------------------------------- response bodies (for OpenAPI and clients)
 class ReconstructResult(BaseModel):
     model: str
     seed: int | None = Field(description="the seed that drew the mask; null for an explicit mask")

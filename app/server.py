@@ -23,8 +23,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app import metrics
-from app.deps import AppState
 from app.middleware import FRAMING_ERROR
+from app.service import Readiness
 
 log = logging.getLogger("mae.server")
 
@@ -176,7 +176,7 @@ class Server(uvicorn.Server):
     """uvicorn.Server whose shutdown signal first marks the app draining, synchronously (so /readyz answers 503
     before uvicorn's next tick), and starts the drain deadline: `drain_s` later, requests not yet answering get 503."""
 
-    def __init__(self, config: uvicorn.Config, state: AppState, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: Readiness, drain_s: float) -> None:
         super().__init__(config)
         self.state, self.drain_s = state, drain_s
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -25,9 +25,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
     cpu_kernels: Literal["auto", "onednn", "onednn-packed", "stock"] = Field(
         "auto",
-        description="fp32 linear layers on CPU: oneDNN (AVX-512 where present; ~2x PyTorch's default on AMD), "
-        "onednn-packed (~5-9% faster again, a second copy of the weights in memory), stock PyTorch, or auto: "
-        "oneDNN if a start-up timing of the model's widest layer finds it faster",
+        description="fp32 linear layers on CPU: oneDNN (AVX-512 where the CPU has it), onednn-packed (the weights "
+        "pre-reordered: a second copy in memory), stock PyTorch, or auto: oneDNN if a start-up timing of the model's "
+        "widest layer finds it faster (BENCHMARKS.md)",
     )
 
     # --- batching engine
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="on a CPU, batches stop here: past a few images the activations leave the cache and each image "
-        "costs more (ViT-B/16 on 2 cores: best at 4, 11% slower per image at 32)",
+        "costs more (BENCHMARKS.md)",
     )
     max_wait_ms: float = Field(
         5.0,

@@ -37,8 +37,8 @@ class Bare:
     def __init__(self, weights: str, kernels: str = "auto", threads: int = 0, max_batch: int = 32) -> None:
         import torch
 
-        from app.engine import prepare_cpu_kernels
-        from model.checkpoint import load
+        from app.cpu_kernels import prepare_cpu_kernels
+        from model.formats import load
 
         if threads:
             torch.set_num_threads(threads)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="bare-model throughput and latency per batch size (no HTTP)")
-    ap.add_argument("--weights", default=str(VITB_DIR), help="any checkpoint model.checkpoint.load reads")
+    ap.add_argument("--weights", default=str(VITB_DIR), help="any checkpoint model.formats.load reads")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--ops", default="reconstruct,embed")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per point (at least)")

@@ -1,28 +1,22 @@
-"""Cold start: from process start (`python -m app.main`, what `mae-serve` runs) to the first /readyz 200.
+"""Cold start: from process start (`python -m app.cli`, what `mae-serve` runs) to the first /readyz 200.
 
     python -m bench.cold_start [--runs 3] [--models demo,vitb] [--pause-training]
 
 Each run is a fresh process (imports, weights, warm-up; the page cache is warm after the first run, which is
-the common case of a restart). /readyz is polled every 10 ms. Models: `demo` = weights/mae_demo.safetensors if it
-exists, else a random-init mae_vit_demo_patch16 saved like it (bench/make_weights.py); `vitb` = the ViT-B/16
-HF directory. Also reports the server's own "ready in" log line split (weights + warm-up). Writes
-bench/results/cold_start.json.
+the common case of a restart), started and polled every 10 ms by app.harness.ServerProcess. Models: `demo` =
+weights/mae_demo.safetensors if it exists, else a random-init mae_vit_demo_patch16 saved like it
+(bench/make_weights.py); `vitb` = the ViT-B/16 HF directory. Also reports the server's own "ready in" log line
+(weights + warm-up). Writes bench/results/cold_start.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
-import socket
-import subprocess
-import time
 from typing import Any
 
+from app.harness import ServerProcess
 from bench.common import (
-    PYTHON,
-    REPO,
     RESULTS,
     TRAINING,
     VITB_DIR,
@@ -34,49 +28,23 @@ from bench.common import (
     write_json,
 )
 
-HOST = "127.0.0.1"
-
-
-def poll_ready(port: int) -> bool:
-    """One GET /readyz; True on 200. Raw socket: no client library start-up in the measured loop."""
-    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1) as s:
-        s.sendall(f"GET /readyz HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
-        return s.recv(64).startswith(b"HTTP/1.1 200")
-    return False
-
 
 def one_run(weights: str, timeout: float) -> dict[str, Any]:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
-    log = RESULTS / "logs" / f"cold-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [PYTHON, "-m", "app.main", "--host", HOST, "--port", str(port), "--weights", weights, "--log-level", "info"]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=f, stderr=subprocess.STDOUT)
-    listening = ready = None
+    server = ServerProcess(args=["--weights", weights, "--log-level", "info"])
+    server.log_path = RESULTS / "logs" / f"cold-{server.port}.log"
     try:
-        while time.perf_counter() - t0 < timeout and proc.poll() is None:
-            if listening is None:
-                with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-                    listening = time.perf_counter() - t0
-            if listening is not None and poll_ready(port):
-                ready = time.perf_counter() - t0
-                break
-            time.sleep(0.01)
+        server.start()
+        server.wait_ready(timeout, poll_s=0.01)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}; see {server.log_path}") from None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    text = log.read_text()
-    m = re.search(r"ready in ([0-9.]+) s", text)
-    if ready is None:
-        raise SystemExit(f"server not ready within {timeout:.0f} s; see {log}")
-    return {"ready_s": ready, "listening_s": listening, "load_and_warmup_s": float(m.group(1)) if m else None}
+        server.stop(timeout=20)
+    m = re.search(r"ready in ([0-9.]+) s", server.log())
+    return {
+        "ready_s": server.ready_s,
+        "listening_s": server.listening_s,
+        "load_and_warmup_s": float(m.group(1)) if m else None,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from app.harness import ServerProcess
 from bench import loadgen
 from bench.common import (
     BENCH,
@@ -46,14 +43,9 @@ HOST = "127.0.0.1"
 QUERIES = {"reconstruct": "mask_ratio=0.75", "embed": "pool=cls"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess; `start()` returns once /readyz answers 200."""
+class Server(ServerProcess):
+    """mae-serve (kind "mae") or the baseline server (bench/baseline_server.py) as a subprocess (app.harness);
+    `start()` returns once /readyz answers 200."""
 
     def __init__(
         self,
@@ -65,14 +57,16 @@ class Server:
         label: str | None = None,
         cwd: Path = REPO,
     ) -> None:
-        self.kind, self.env, self.style = kind, env, style
-        self.weights = str(Path(weights).resolve())
-        self.cwd = cwd  # another checkout's app/ (bench/ablation.py); model/ still comes from this repo
-        self._label = label
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.ready_s = float("nan")
-        self.log = RESULTS / "logs" / f"{kind}-{self.port}.log"
+        self.kind, self.style, self._label = kind, style, label
+        weights = str(Path(weights).resolve())
+        if kind == "mae":
+            # cwd: another checkout's app/ (bench/ablation.py); model/ still comes from this repo
+            args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--log-level", "warning"]
+            super().__init__(env, args=args, cwd=cwd)
+        else:
+            args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--style", style]
+            super().__init__(env, command=[PYTHON, str(BENCH / "baseline_server.py")], args=args)
+        self.log_path = RESULTS / "logs" / f"{kind}-{self.port}.log"
 
     @property
     def label(self) -> str:
@@ -80,66 +74,13 @@ class Server:
             return self._label
         return f"baseline-{self.style}" if self.kind == "baseline" else "mae-serve"
 
-    def command(self) -> list[str]:
-        if self.kind == "mae":
-            return [
-                PYTHON,
-                "-m",
-                "app.main",
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-                "--weights",
-                self.weights,
-                "--log-level",
-                "warning",
-            ]
-        return [
-            PYTHON,
-            str(BENCH / "baseline_server.py"),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--weights",
-            self.weights,
-            "--style",
-            self.style,
-        ]
-
-    def start(self, timeout: float = 300.0) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env}
-        if self.cwd != REPO:
-            env["PYTHONPATH"] = os.pathsep.join([str(self.cwd), str(REPO), env.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep
-            )
-        t0 = time.perf_counter()
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.label} exited with {self.proc.returncode}; see {self.log}")
-            try:
-                status, _ = asyncio.run(loadgen.fetch(HOST, self.port, "/readyz", timeout=2))
-                if status == 200:
-                    self.ready_s = time.perf_counter() - t0
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise SystemExit(f"{self.label} not ready after {timeout:.0f} s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def start(self, timeout: float = 300.0) -> ServerProcess:  # type: ignore[override]
+        super().start()
+        try:
+            self.wait_ready(timeout)
+        except RuntimeError as e:
+            raise SystemExit(f"{self.label}: {e}; see {self.log_path}") from None
+        return self
 
 
 def parse_batch_sizes(text: str) -> dict[str, dict[str, float]]:
@@ -314,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for style in styles:
             server = Server(kind, args.weights, env if kind == "mae" else {}, style)
             server.start()
-            servers.append({"server": server.label, "ready_s": server.ready_s, "command": " ".join(server.command())})
+            servers.append({"server": server.label, "ready_s": server.ready_s, "command": " ".join(server.command)})
             print(f"[bench] {server.label} ready in {server.ready_s:.1f} s (pid {server.proc.pid})", flush=True)
             bare_rows: list[tuple[dict, dict]] = []  # (e2e row, bare measurement taken just before it)
             try:

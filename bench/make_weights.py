@@ -3,7 +3,7 @@
 - bench/.weights/vit-mae-base-random: a randomly initialised ViT-B/16 `ViTMAEForPreTraining` (transformers'
   default config = the paper's ViT-B/16 with its 8 x 512 decoder), written with save_pretrained together with a
   ViTImageProcessor configured like facebook/vit-mae-base (224, bicubic, ImageNet mean/std). The baseline server
-  loads it with transformers, mae-serve loads the same directory through model.checkpoint's HF reader.
+  loads it with transformers, mae-serve loads the same directory through model.formats' HF reader.
 - bench/.weights/mae_demo_random.safetensors: a random-init `mae_vit_demo_patch16`, the cold-start stand-in
   until the trained weights/mae_demo.safetensors exists.
 """
@@ -44,7 +44,7 @@ def make_demo(force: bool = False) -> None:
     import torch
 
     from model import MAE, get_config
-    from model.checkpoint import save
+    from model.formats import save
 
     torch.manual_seed(0)
     DEMO_RANDOM.parent.mkdir(parents=True, exist_ok=True)

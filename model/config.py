@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from model.family import PatchGrid
+
 # ImageNet statistics: the official models (and the HF port) were trained on inputs normalised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(PatchGrid):
     """Hyper-parameters of an MAE. Names follow facebookresearch/mae `MaskedAutoencoderViT`."""
 
     img_size: int = 224
@@ -46,20 +48,6 @@ class MAEConfig:
             if dim % 4:
                 raise ValueError(f"{what} {dim} must be a multiple of 4 for the 2-D sin-cos table")
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        n = self.img_size // self.patch_size
-        return (n, n)
-
-    @property
-    def num_patches(self) -> int:
-        h, w = self.grid_size
-        return h * w
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**2 * self.in_chans
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pixel_mean"] = list(self.pixel_mean)
@@ -82,7 +70,7 @@ class MAEConfig:
         return replace(self, **changes)
 
 
-_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_PAPER_DECODER: dict[str, Any] = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 CONFIGS: dict[str, MAEConfig] = {
     # The paper's models (facebookresearch/mae models_mae.py).

@@ -1,4 +1,4 @@
-"""Convert any checkpoint `model.checkpoint.load` reads into the project's own format.
+"""Convert any checkpoint `model.formats.load` reads into the project's own format.
 
     python -m model.convert SRC DST [--fp16] [--num-heads N] [--decoder-num-heads N] [--norm-pix-loss {0,1}]
 
@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CheckpointError, LoadedModel, load, save
 from model.config import MAEConfig
+from model.formats import CheckpointError, LoadedModel, load, save
+from model.mae import MAE
 
 
 def describe(config: MAEConfig) -> str:
@@ -38,6 +39,8 @@ def convert(src: str | Path, dst: str | Path, *, fp16: bool = False, **overrides
     source = load(src, **overrides)
     if Path(dst).resolve() == Path(src).resolve():
         raise CheckpointError(f"{dst}: refusing to overwrite the source")
+    if not isinstance(source.model, MAE):
+        raise CheckpointError(f"{src}: a {source.format} model has no mae-serve format; serve it as it is")
     extra = {"source_format": source.format, "source_sha256": source.sha256}
     digest = save(source.model, dst, dtype=torch.float16 if fp16 else None, extra=extra)
     load(dst)  # fails loudly here rather than at serving time
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"source: {source.path}")
     print(f"  format: {source.format}")
     print(f"  sha256: {source.sha256}")
+    assert isinstance(source.config, MAEConfig)  # convert() takes the paper's MAE only
     print(f"  config: {describe(source.config)}")
     for note in source.notes:
         print(f"  note: {note}")

@@ -25,8 +25,8 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def load_rgb(path: str | Path, max_side: int | None = None) -> torch.Tensor:
     """(3, H, W) uint8, optionally downscaled so the long side is at most max_side."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
         if max_side and max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         return (

@@ -43,23 +43,17 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-from model import checkpoint
+from model import formats as checkpoint
 from model.data import list_images, load_rgb, resize_to
-from model.mae import MAE
+from model.family import MaskedAutoencoder
 from model.masking import Masking, random_masking_spec
+from model.outputs import PSNR_CAP_DB, psnr  # the one definition of PSNR (the API's too)
 
 METHODS = ("mae", "mean_fill", "bilinear")
-MSE_FLOOR = 1e-10
-PSNR_CAP_DB = 10.0 * math.log10(1.0 / MSE_FLOOR)  # 100 dB
 HEADLINE = "mean_psnr"
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-def psnr(mse: float) -> float:
-    """PSNR in dB for images in [0, 1]; capped at PSNR_CAP_DB (an MSE of 0 gives 100 dB, never inf)."""
-    return 10.0 * math.log10(1.0 / max(float(mse), MSE_FLOOR))
-
-
 def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     """(N, L) patch mask (1 = masked) -> (N, 1, H, W) pixel mask."""
     m = mask.float().view(mask.shape[0], 1, grid[0], 1, grid[1], 1)
@@ -201,7 +195,7 @@ def load_images(folder: str | Path, img_size: int, limit: int | None = None) -> 
 
 
 def evaluate(
-    model: MAE,
+    model: MaskedAutoencoder,
     images: torch.Tensor,
     names: Sequence[str],
     *,
@@ -223,7 +217,7 @@ def evaluate(
     # per_seed[method][i][s] = MSE of image i under seed s
     per_seed: dict[str, list[list[float]]] = {m: [[] for _ in names] for m in METHODS}
     columns: dict[str, list[torch.Tensor]] = {}
-    len_keep = None
+    len_keep = 0
     for s_i, seed in enumerate(seeds):
         spec = random_masking_spec(num_patches, mask_ratio, seed)  # one mask per seed, shared by all images
         len_keep = spec.len_keep
@@ -251,7 +245,7 @@ def evaluate(
                 for k, v in cols.items():
                     columns.setdefault(k, []).append(v.float().cpu())
 
-    per_image = []
+    per_image: list[dict[str, Any]] = []
     for i, name in enumerate(names):
         mse = {m: sum(per_seed[m][i]) / len(seeds) for m in METHODS}
         per_image.append(
@@ -409,7 +403,7 @@ def write_outputs(report: dict[str, Any], columns: dict[str, torch.Tensor], out:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="a weights file model.checkpoint can load")
+    ap.add_argument("--weights", required=True, help="a weights file model.formats can load")
     ap.add_argument("--data", required=True, help="image folder (searched recursively)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one random mask per seed")

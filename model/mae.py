@@ -7,20 +7,16 @@ forward_loss. `encode` and `reconstruct` are the serving entry points; they take
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from model.config import MAEConfig
+from model.family import PatchModel
 from model.masking import Masking, no_masking
+from model.outputs import EncodeOutput, ReconstructOutput
 from model.pos_embed import interpolate_pos_embed, sincos_2d
-
-
-class DecoderMissingError(RuntimeError):
-    """Raised when an encoder-only model is asked to reconstruct."""
 
 
 class Attention(nn.Module):
@@ -71,69 +67,13 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(x), "n d h w -> n (h w) d")
 
 
-@dataclass
-class EncodeOutput:
-    """Encoder tokens after the final norm. `patches` are in raster order; `patch_indices` says which."""
-
-    cls: torch.Tensor | None  # (N, D); None for a model without a CLS token
-    patches: torch.Tensor  # (N, K, D)
-    patch_indices: torch.Tensor  # (N, K) raster indices, ascending
-    grid: tuple[int, int]
-
-
-@dataclass
-class ReconstructOutput:
-    """Everything one reconstruction yields; images are (N, C, H, W) in [0, 1], clipped.
-
-    `pred` is the decoder's raw output (N, L, p*p*C) in the model's target space: normalised pixels, or, for a
-    `norm_pix_loss` model, per-patch standardised pixels. For such a model `reconstruction` re-uses each patch's
-    true mean and variance (as the official visualisations do), so masked patches borrow their real brightness
-    and contrast and only the structure inside them is predicted.
-    """
-
-    pred: torch.Tensor
-    mask: torch.Tensor  # (N, L), 1 = masked
-    reconstruction: torch.Tensor
-    paste: torch.Tensor  # visible original + predicted masked patches
-    masked: torch.Tensor  # original with masked patches blanked (0)
-    patch_error: torch.Tensor  # (N, L) per-patch MSE in [0, 1] pixel space; 0 on visible patches
-    mse: torch.Tensor  # (N,) mean over masked patches (0 when nothing is masked)
-    grid: tuple[int, int]
-
-    @classmethod
-    def from_prediction(
-        cls,
-        model: nn.Module,
-        images: torch.Tensor,
-        patches: torch.Tensor,
-        pred: torch.Tensor,
-        mask: torch.Tensor,
-        grid: tuple[int, int],
-    ) -> ReconstructOutput:
-        """The viewer's images from predicted `patches` in the model's input space (any family with patchify,
-        unpatchify and denormalize). `images` are the originals in [0, 1]."""
-        recon = model.denormalize(model.unpatchify(patches, grid)).float().clamp(0, 1)
-        original = images.float()
-        mask_img = model.unpatchify(mask[..., None].expand(-1, -1, patches.shape[-1]).float(), grid)
-        paste = original * (1 - mask_img) + recon * mask_img
-        patch_error = ((model.patchify(recon) - model.patchify(original)) ** 2).mean(dim=-1) * mask.float()
-        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
-        return cls(
-            pred=pred,
-            mask=mask,
-            reconstruction=recon,
-            paste=paste,
-            masked=original * (1 - mask_img),
-            patch_error=patch_error,
-            mse=mse,
-            grid=grid,
-        )
-
-
-class MAE(nn.Module):
+class MAE(PatchModel[MAEConfig]):
     """Masked Autoencoder with a ViT backbone."""
 
     family = "mae"  # the architecture family, as /v1/models reports it
+    pos_embed: torch.Tensor
+    decoder_pos_embed: torch.Tensor
+    no_decoder_message = "this checkpoint has no pixel decoder (encoder-only weights): it can embed but not reconstruct"
 
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
@@ -158,8 +98,7 @@ class MAE(nn.Module):
             )
             self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.layer_norm_eps)
             self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_dim)
-        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self.register_pixel_stats(c.pixel_mean, c.pixel_std)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -185,26 +124,6 @@ class MAE(nn.Module):
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         return (h // p, w // p)
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened row by row, channels last (official order)."""
-        p = self.config.patch_size
-        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(N, L, p*p*C) -> (N, C, H, W). A square grid is assumed when none is given."""
-        p = self.config.patch_size
-        if grid is None:
-            side = int(round(x.shape[1] ** 0.5))
-            grid = (side, side)
-        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels -> the model's input space."""
-        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.pixel_std.to(x.dtype) + self.pixel_mean.to(x.dtype)
 
     # ------------------------------------------------------------------ the paper's steps
     @staticmethod
@@ -240,7 +159,7 @@ class MAE(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Latent of visible patches -> pixel predictions for every patch (N, L, p*p*C), raster order."""
-        self._require_decoder()
+        self.require_decoder()
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
@@ -298,7 +217,7 @@ class MAE(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
         """Images in [0, 1] -> predictions for every patch and the images a viewer wants."""
-        self._require_decoder()
+        self.require_decoder()
         imgs = self.normalize(images)
         grid = self.grid_for(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, masking)
@@ -309,13 +228,4 @@ class MAE(nn.Module):
             target = self.patchify(imgs)
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             patches = pred * (var + 1.0e-6) ** 0.5 + mean
-        return ReconstructOutput.from_prediction(self, images, patches, pred, mask, grid)
-
-    def _require_decoder(self) -> None:
-        if not self.config.has_decoder:
-            raise DecoderMissingError(
-                "this checkpoint has no pixel decoder (encoder-only weights): it can embed but not reconstruct"
-            )
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.viewer_output(images, patches, pred, mask, grid)

@@ -64,6 +64,7 @@ def random_noise(
     if (seed is None) == (generator is None):
         raise ValueError("give exactly one of seed or generator")
     if generator is None:
+        assert seed is not None
         generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, num_patches, generator=generator)
 

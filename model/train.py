@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import save
 from model.config import get_config
 from model.data import ImageFolderInMemory
+from model.formats import save
 from model.mae import MAE
 from model.masking import Masking, len_keep_for_ratio, random_noise
 
@@ -37,7 +37,8 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.0
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and tokens (1-D or token parameters), as timm/official do."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -19,12 +19,8 @@ len_keep = L - int(ratio * L) (see `masking_from_rand`). `encode` follows the Vi
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,46 +28,17 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from model.mae import DecoderMissingError, EncodeOutput, ReconstructOutput
+from model.family import PatchGrid, PatchModel
 from model.masking import Masking, no_masking
-
-if TYPE_CHECKING:
-    from model.checkpoint import LoadedModel
+from model.outputs import EncodeOutput, ReconstructOutput
 
 FAMILY = "vit-pytorch"
 LAYER_NORM_EPS = 1e-5  # torch's default, which vit-pytorch uses everywhere
 
-# Sidecar keys: (required, meaning). Everything else about the architecture is read off the tensors' shapes.
-SIDECAR_KEYS: dict[str, tuple[bool, str]] = {
-    "image_size": (True, "ViT(image_size=...), square, pixels"),
-    "patch_size": (True, "ViT(patch_size=...), square, pixels"),
-    "heads": (True, "ViT(heads=...)"),
-    "dim_head": (False, "ViT(dim_head=...); checked against the weights (qkv width / heads)"),
-    "pool": (False, "'cls' or 'mean'; checked against the weights (cls_token)"),
-    "channels": (False, "ViT(channels=...), default 3; the server feeds RGB, so it must be 3"),
-    "decoder_heads": (True, "MAE(decoder_heads=...) (vit-pytorch's default is 8); only for a state with a decoder"),
-    "decoder_dim_head": (False, "MAE(decoder_dim_head=...); checked against the weights"),
-    "pixel_mean": (True, "per-channel mean the training images were normalised with (0 if none)"),
-    "pixel_std": (True, "per-channel std the training images were normalised with (1 if none)"),
-    "masking_ratio": (False, "MAE(masking_ratio=...), informational"),
-    "name": (False, "the architecture name /v1/models reports; default: the weights file's stem"),
-    "format": (False, "optional marker, must be 'vit-pytorch' when given"),
-}
-
-_WRAPPER_KEYS = ("state_dict", "model")  # {'model': state, 'optimizer': ...} style training checkpoints
-_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
-
-
-def _checkpoint_error(msg: str) -> Exception:
-    # Imported late: model.checkpoint will import this module to wire in detection (import cycle otherwise).
-    from model.checkpoint import CheckpointError
-
-    return CheckpointError(msg)
-
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class VitPytorchConfig:
+class VitPytorchConfig(PatchGrid):
     """What one vit-pytorch MAE (or ViT) is: sidecar values plus shapes read off the weights."""
 
     family: ClassVar[str] = FAMILY
@@ -99,19 +66,6 @@ class VitPytorchConfig:
     pixel_mean: tuple[float, ...]
     pixel_std: tuple[float, ...]
     masking_ratio: float | None = None
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        n = self.img_size // self.patch_size
-        return (n, n)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**2 * self.in_chans
 
     @property
     def num_cls_tokens(self) -> int:
@@ -171,7 +125,8 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
+        for layer in self.layers:
+            attn, ff = layer[0], layer[1]  # type: ignore[index]  # each layer: ModuleList([Attention, FeedForward])
             x = attn(x) + x
             x = ff(x) + x
         return self.norm(x)
@@ -194,10 +149,13 @@ class ViTEncoder(nn.Module):
         self.transformer = Transformer(c.embed_dim, c.depth, c.num_heads, c.dim_head, c.mlp_dim)
 
 
-class VitPytorchMAE(nn.Module):
+class VitPytorchMAE(PatchModel[VitPytorchConfig]):
     """A vit-pytorch MAE behind model.mae.MAE's serving entry points (encode, reconstruct, loss)."""
 
     family = FAMILY
+    no_decoder_message = (
+        "this checkpoint is a vit-pytorch ViT without the MAE decoder: it can embed but not reconstruct"
+    )
 
     def __init__(self, config: VitPytorchConfig) -> None:
         super().__init__()
@@ -212,8 +170,7 @@ class VitPytorchMAE(nn.Module):
             self.decoder = Transformer(dd, c.decoder_depth, c.decoder_num_heads, c.decoder_dim_head, c.decoder_mlp_dim)
             self.decoder_pos_emb = nn.Embedding(c.decoder_pos_rows or c.num_patches, dd)
             self.to_pixels = nn.Linear(dd, c.patch_dim)
-        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self.register_pixel_stats(c.pixel_mean, c.pixel_std)
 
     # ------------------------------------------------------------------ shapes and spaces
     def grid_for(self, imgs: torch.Tensor) -> tuple[int, int]:
@@ -222,22 +179,6 @@ class VitPytorchMAE(nn.Module):
         if tuple(imgs.shape[-2:]) != (s, s):
             raise ValueError(f"this vit-pytorch model takes {s}x{s} images, got {imgs.shape[-2]}x{imgs.shape[-1]}")
         return self.config.grid_size
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """vit-pytorch's own patch order, (N, C, H, W) -> (N, L, p*p*C); also model.mae.MAE's order."""
-        return self.encoder.to_patch_embedding[0](imgs)
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        h, w = grid or self.config.grid_size
-        p = self.config.patch_size
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, w=w, p1=p, p2=p)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels -> the input space the model was trained in (from the sidecar)."""
-        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.pixel_std.to(x.dtype) + self.pixel_mean.to(x.dtype)
 
     def _patch_tokens(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input-space images -> (patches (N, L, p*p*C), patch tokens with positions (N, L, D))."""
@@ -258,7 +199,7 @@ class VitPytorchMAE(nn.Module):
     # ------------------------------------------------------------------ vit-pytorch's MAE pass
     def forward(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input-space images -> (loss, pred for every patch (N, L, p*p*C) in raster order, mask (N, L))."""
-        self._require_decoder()
+        self.require_decoder()
         patches, tokens = self._patch_tokens(imgs)
         n, length, dim = tokens.shape
         visible, masked = self._split(masking, n, length, tokens.device)
@@ -308,20 +249,11 @@ class VitPytorchMAE(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
         """Images in [0, 1] -> every patch's prediction and the images a viewer wants (as MAE.reconstruct)."""
-        self._require_decoder()
+        self.require_decoder()
         imgs = self.normalize(images)
         grid = self.grid_for(imgs)
         _, pred, mask = self(imgs, masking)
-        return ReconstructOutput.from_prediction(self, images, pred, pred, mask, grid)
-
-    def _require_decoder(self) -> None:
-        if not self.config.has_decoder:
-            raise DecoderMissingError(
-                "this checkpoint is a vit-pytorch ViT without the MAE decoder: it can embed but not reconstruct"
-            )
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.viewer_output(images, pred, pred, mask, grid)
 
 
 # ---------------------------------------------------------------------------------------------- masking
@@ -337,276 +269,3 @@ def masking_from_rand(rand: torch.Tensor, masking_ratio: float) -> Masking:
     """
     length = rand.shape[1]
     return Masking(1.0 - rand, length - num_masked_for(length, masking_ratio))
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def _unwrap(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip training-checkpoint wrappers and module prefixes so detection and loading see bare keys."""
-    for key in _WRAPPER_KEYS:
-        inner = state.get(key)
-        if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-            state = inner
-            break
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        for prefix in _PREFIXES:
-            if isinstance(k, str) and k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
-
-
-def _as_mae_keys(state: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Keys of an MAE state (a ViT's keys gain 'encoder.'), without the classifier; None if not vit-pytorch."""
-    state = _unwrap(state)
-    if "encoder.pos_embedding" in state and "encoder.to_patch_embedding.2.weight" in state:
-        pass
-    elif "pos_embedding" in state and "to_patch_embedding.2.weight" in state and "transformer.norm.weight" in state:
-        state = {f"encoder.{k}": v for k, v in state.items()}
-    else:
-        return None
-    # mlp_head: the ViT's classifier, not served. patch_to_emb.*: vit-pytorch's MAE re-registers the encoder's
-    # patch-embedding modules under that name, so its state_dict repeats encoder.to_patch_embedding.{1,2,3}.
-    return {k: v for k, v in state.items() if not k.startswith(("encoder.mlp_head.", "patch_to_emb."))}
-
-
-def is_vit_pytorch_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for a state_dict of vit_pytorch's MAE (ViT encoder) or of its ViT alone."""
-    try:
-        return _as_mae_keys(state) is not None
-    except Exception:  # detection must never raise on someone else's format
-        return False
-
-
-def sidecar_path(weights: str | Path) -> Path:
-    """`model.pt` / `model.pth` / `model.safetensors` -> `model.json` beside it."""
-    return Path(weights).with_suffix(".json")
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise _checkpoint_error(f"{path}: cannot read as safetensors: {type(e).__name__}: {e}") from None
-    try:
-        # weights_only: a .pt from the internet must not run code when loaded.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise _checkpoint_error(f"{path}: cannot read as a torch state_dict: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, Mapping):
-        raise _checkpoint_error(f"{path}: holds a {type(obj).__name__}, not a state_dict (save model.state_dict())")
-    return dict(obj)
-
-
-def _pair_int(v: Any, key: str, problems: list[str]) -> int | None:
-    if isinstance(v, list | tuple) and len(v) == 2 and v[0] == v[1]:
-        v = v[0]
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        problems.append(f"{key} must be a positive integer (square only), got {v!r}")
-        return None
-    return v
-
-
-def _channel_stats(v: Any, key: str, channels: int, problems: list[str]) -> tuple[float, ...]:
-    vals = [v] * channels if isinstance(v, int | float) and not isinstance(v, bool) else v
-    if not isinstance(vals, list | tuple) or len(vals) != channels or not all(isinstance(x, int | float) for x in vals):
-        problems.append(f"{key} must be a number or a list of {channels} numbers, got {v!r}")
-        return (0.0,) * channels
-    if key == "pixel_std" and any(x <= 0 for x in vals):
-        problems.append(f"pixel_std must be > 0, got {v!r}")
-    return tuple(float(x) for x in vals)
-
-
-def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
-    return len({int(m.group(1)) for k in state if (m := pat.match(k))})
-
-
-def _heads(
-    state: Mapping[str, torch.Tensor], prefix: str, side: Mapping[str, Any], hkey: str, dkey: str, problems: list[str]
-) -> tuple[int, int]:
-    """(heads, dim_head): heads from the sidecar, dim_head = qkv width / heads (checked if the sidecar gives it)."""
-    inner = state[f"{prefix}layers.0.0.to_qkv.weight"].shape[0] // 3
-    heads = side.get(hkey)
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-        problems.append(f"{hkey} must be a positive integer, got {heads!r}")
-        return 1, inner
-    if inner % heads:
-        problems.append(f"{hkey}={heads} does not divide the attention width {inner} of the weights")
-        return heads, inner
-    dim_head = side.get(dkey, inner // heads)
-    if isinstance(dim_head, bool) or not isinstance(dim_head, int):
-        problems.append(f"{dkey} must be an integer, got {dim_head!r}")
-    elif heads * dim_head != inner:
-        problems.append(f"{hkey} * {dkey} = {heads} * {dim_head} = {heads * dim_head}, the weights have {inner}")
-    return heads, inner // heads
-
-
-def config_from(state: Mapping[str, torch.Tensor], side: Mapping[str, Any], name: str) -> VitPytorchConfig:
-    """Sidecar + tensor shapes -> config. Every problem found ends up in one CheckpointError line."""
-    problems: list[str] = []
-    unknown = sorted(set(side) - set(SIDECAR_KEYS))
-    if unknown:
-        problems.append(f"unknown sidecar keys {unknown} (known: {', '.join(SIDECAR_KEYS)})")
-    has_decoder = any(k.startswith(("decoder.", "to_pixels.", "mask_token", "decoder_pos_emb.")) for k in state)
-    required = [k for k, (req, _) in SIDECAR_KEYS.items() if req and (has_decoder or not k.startswith("decoder_"))]
-    missing = [k for k in required if k not in side]
-    if missing:
-        raise _checkpoint_error(
-            f"sidecar lacks required keys {missing}" + (f"; {'; '.join(problems)}" if problems else "")
-        )
-    if side.get("format", FAMILY) != FAMILY:
-        problems.append(f"format is {side['format']!r}, expected {FAMILY!r}")
-    for k in ("encoder.to_patch_embedding.1.weight", "encoder.transformer.layers.0.0.to_qkv.weight"):
-        if k not in state:
-            raise _checkpoint_error(f"the weights lack {k.removeprefix('encoder.')}")
-
-    pos = state["encoder.pos_embedding"]
-    embed_dim, pos_len = pos.shape[-1], pos.shape[-2]
-    patch_dim = state["encoder.to_patch_embedding.1.weight"].shape[0]
-    n_cls = state["encoder.cls_token"].shape[1] if "encoder.cls_token" in state else None
-    channels = side.get("channels", 3)
-    if channels != 3:
-        problems.append(f"channels must be 3 (the server feeds RGB images), got {channels!r}")
-        channels = 3
-    img = _pair_int(side["image_size"], "image_size", problems)
-    p = _pair_int(side["patch_size"], "patch_size", problems)
-    num_patches = 0
-    if img and p:
-        if img % p:
-            problems.append(f"image_size {img} is not a multiple of patch_size {p}")
-        num_patches = (img // p) ** 2
-        if channels * p * p != patch_dim:
-            problems.append(f"channels * patch_size^2 = {channels * p * p}, the patch embedding takes {patch_dim}")
-    pool = side.get("pool", "cls" if n_cls == 1 or (n_cls is None and pos_len == num_patches + 1) else "mean")
-    if pool not in ("cls", "mean"):
-        problems.append(f"pool must be 'cls' or 'mean', got {pool!r}")
-    want_cls = 1 if pool == "cls" else 0
-    if n_cls is not None and n_cls != want_cls:
-        problems.append(f"pool={pool!r} but the weights' cls_token holds {n_cls} token(s)")
-    if num_patches and pos_len != num_patches + want_cls:
-        problems.append(
-            f"pos_embedding has {pos_len} positions, ({img}/{p})^2 patches + {want_cls} cls = {num_patches + want_cls}"
-        )
-    heads, dim_head = _heads(state, "encoder.transformer.", side, "heads", "dim_head", problems)
-
-    dec: dict[str, Any] = dict(
-        decoder_embed_dim=None,
-        decoder_depth=None,
-        decoder_num_heads=None,
-        decoder_dim_head=None,
-        decoder_mlp_dim=None,
-        decoder_pos_rows=None,
-    )
-    has_enc_to_dec = "enc_to_dec.weight" in state
-    if has_decoder:
-        for k in ("mask_token", "decoder_pos_emb.weight", "to_pixels.weight", "decoder.layers.0.0.to_qkv.weight"):
-            if k not in state:
-                raise _checkpoint_error(f"the weights have part of an MAE decoder but lack {k}")
-        dd = state["mask_token"].shape[-1]
-        dh, ddh = _heads(state, "decoder.", side, "decoder_heads", "decoder_dim_head", problems)
-        dec = dict(
-            decoder_embed_dim=dd,
-            decoder_depth=_layer_count(state, "decoder."),
-            decoder_num_heads=dh,
-            decoder_dim_head=ddh,
-            decoder_mlp_dim=state["decoder.layers.0.1.net.1.weight"].shape[0]
-            if "decoder.layers.0.1.net.1.weight" in state
-            else 4 * dd,
-        )
-        rows, width = state["decoder_pos_emb.weight"].shape
-        dec["decoder_pos_rows"] = rows
-        if num_patches and (rows not in (num_patches, pos_len) or width != dd):
-            problems.append(f"decoder_pos_emb is {(rows, width)}, expected ({num_patches} or {pos_len}, {dd})")
-        if tuple(state["to_pixels.weight"].shape) != (patch_dim, dd):
-            problems.append(f"to_pixels is {tuple(state['to_pixels.weight'].shape)}, expected ({patch_dim}, {dd})")
-        if not has_enc_to_dec and dd != embed_dim:
-            problems.append(f"no enc_to_dec but decoder dim {dd} != encoder dim {embed_dim}")
-    mean = _channel_stats(side["pixel_mean"], "pixel_mean", channels, problems)
-    std = _channel_stats(side["pixel_std"], "pixel_std", channels, problems)
-    ratio = side.get("masking_ratio")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
-        problems.append(f"masking_ratio must be in (0, 1), got {ratio!r}")
-    if problems:
-        raise _checkpoint_error("; ".join(problems))
-    mlp_key = "encoder.transformer.layers.0.1.net.1.weight"
-    return VitPytorchConfig(
-        name=str(side.get("name", name)),
-        img_size=img or 0,
-        patch_size=p or 0,
-        in_chans=channels,
-        embed_dim=embed_dim,
-        depth=_layer_count(state, "encoder.transformer."),
-        num_heads=heads,
-        dim_head=dim_head,
-        mlp_dim=state[mlp_key].shape[0] if mlp_key in state else 4 * embed_dim,
-        pool=pool,
-        has_decoder=has_decoder,
-        has_enc_to_dec=has_enc_to_dec,
-        pixel_mean=mean,
-        pixel_std=std,
-        masking_ratio=None if ratio is None else float(ratio),
-        **dec,
-    )
-
-
-def _load_state(model: VitPytorchMAE, state: Mapping[str, torch.Tensor]) -> None:
-    """Strict load with a one-line error naming the first few missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    parts = [
-        f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-        if keys
-    ]
-    if parts:
-        raise _checkpoint_error("weights do not fit the vit-pytorch architecture; " + "; ".join(parts))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-
-
-def build(state: Mapping[str, torch.Tensor], side: Mapping[str, Any], name: str = "vit-pytorch") -> VitPytorchMAE:
-    """A ready model (eval mode) from a state_dict and the sidecar's dict."""
-    mae_state = _as_mae_keys(state)
-    if mae_state is None:
-        raise _checkpoint_error("not a vit-pytorch MAE/ViT state_dict (no encoder.pos_embedding)")
-    model = VitPytorchMAE(config_from(mae_state, side, name))
-    _load_state(model, mae_state)
-    return model.eval()
-
-
-def load_vit_pytorch(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> LoadedModel:
-    """Weights (.pt/.pth via torch.load(weights_only=True), or .safetensors) + sidecar `<stem>.json` -> model.
-
-    `state` spares re-reading the file when the caller already loaded it for detection.
-    """
-    from model.checkpoint import CheckpointError, LoadedModel, sha256_of
-
-    path = Path(path)
-    side_path = sidecar_path(path)
-    if not side_path.is_file():
-        raise _checkpoint_error(
-            f"{path}: vit-pytorch weights need a sidecar config {side_path.name} beside them with at least "
-            "image_size, patch_size, heads, pixel_mean, pixel_std (+ decoder_heads for an MAE); see docs/VIT_PYTORCH.md"
-        )
-    try:
-        side = json.loads(side_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _checkpoint_error(f"{side_path}: not valid JSON: {e}") from None
-    if not isinstance(side, dict):
-        raise _checkpoint_error(f"{side_path}: must hold a JSON object")
-    if state is None:
-        state = _read_weights(path)
-    try:
-        model = build(state, side, name=path.stem)
-    except CheckpointError as e:  # one line that names both files
-        raise CheckpointError(f"{path} with {side_path.name}: {e}") from None
-    return LoadedModel(model, model.config, str(path), FAMILY, sha256_of(path))  # type: ignore[arg-type]

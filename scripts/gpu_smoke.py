@@ -261,7 +261,7 @@ def server_command(override: str | None) -> list[str]:
     if exe:
         return [exe]
     # Not on PATH (e.g. run with a venv's python without activating it): the console script's target.
-    return [sys.executable, "-c", "import sys; from app.main import cli; sys.exit(cli())"]
+    return [sys.executable, "-m", "app.cli"]
 
 
 class Server:

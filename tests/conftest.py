@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,11 @@ def make_mae() -> Callable[..., MAE]:
         return randomize_(MAE(config), seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """The tests' tiny model (mae_test config, seed 0) in the project's format: what most service tests serve."""
+    from tests.serving import make_weights
+
+    return make_weights(tmp_path_factory.mktemp("weights"))

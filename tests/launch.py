@@ -1,6 +1,6 @@
-"""The tests' own mae-serve launcher: the real CLI, with test seams set from the environment.
+"""The tests' own mae-serve launcher: the real CLI, with its test seams set from the environment.
 
-    MAE_TEST_FORWARD_SLEEP_S   every forward pass sleeps this long first (work really is in flight)
+    MAE_TEST_FORWARD_SLEEP_S   every batch's forward pass sleeps this long first (work really is in flight)
     MAE_TEST_DECODE_SLEEP_S    every image decode sleeps this long first (a decode still running at exit)
 
 Run as `python -m tests.launch` by app.harness.ServerProcess(module="tests.launch"). Never shipped.
@@ -11,28 +11,30 @@ from __future__ import annotations
 import os
 import time
 
-from app import engine, imaging, main
+import torch
 
-_forward_sleep = float(os.environ.get("MAE_TEST_FORWARD_SLEEP_S", "0"))
-_decode_sleep = float(os.environ.get("MAE_TEST_DECODE_SLEEP_S", "0"))
+from app import cli, imaging, model_thread
+from app.model_thread import Op, Result
+from app.registry import ModelEntry
+from model.masking import Masking
 
-if _forward_sleep:
-    _real_forward = engine.Engine._forward
 
-    def _slow_forward(*args, **kwargs):
-        time.sleep(_forward_sleep)
-        return _real_forward(*args, **kwargs)
+def slow_forward(delay: float) -> model_thread.Forward:
+    def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
+        time.sleep(delay)
+        return model_thread.forward(entry, op, images, masking)
 
-    engine.Engine._forward = staticmethod(_slow_forward)
+    return forward
 
-if _decode_sleep:
-    _real_decode = imaging.decode
-
-    def _slow_decode(*args, **kwargs):
-        time.sleep(_decode_sleep)
-        return _real_decode(*args, **kwargs)
-
-    imaging.decode = _slow_decode
 
 if __name__ == "__main__":
-    main.cli()
+    decode_sleep = float(os.environ.get("MAE_TEST_DECODE_SLEEP_S", "0"))
+    if decode_sleep:  # decoding has no seam: this process is the test's own, so it patches the function itself
+        real_decode = imaging.decode
+
+        def slow_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(decode_sleep)
+            return real_decode(*args, **kwargs)
+
+        imaging.decode = slow_decode  # type: ignore[assignment]
+    cli.main(forward=slow_forward(float(os.environ.get("MAE_TEST_FORWARD_SLEEP_S", "0"))))

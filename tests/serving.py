@@ -1,10 +1,10 @@
-"""Helpers for the service tests: tiny weights, test images, an in-process client and a real uvicorn server."""
+"""Helpers for the service tests: tiny weights, test images, an in-process client, a uvicorn server in a thread, and
+the one check of an error answer. A server in its own process is app.harness.ServerProcess."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,10 +17,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app import model_thread
+from app.harness import free_port
 from app.main import create_app
+from app.model_thread import Forward
 from app.settings import Settings
 from model import MAE, get_config
-from model.checkpoint import save
+from model.formats import save
 
 
 def make_weights(folder: Path, name: str = "tiny", config: str = "mae_test", seed: int = 0, **changes) -> Path:
@@ -41,25 +44,37 @@ def image_bytes(w: int = 48, h: int = 40, fmt: str = "PNG", seed: int = 0, mode:
     return buf.getvalue()
 
 
+def assert_error(r: httpx.Response, status: int | set[int], code: str | set[str] | None = None) -> dict:
+    """`r` is an error answer with this status (and code), in the one shape; returns its `error` object."""
+    statuses = {status} if isinstance(status, int) else status
+    assert r.status_code in statuses, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"status", "code", "message"} and err["status"] == r.status_code and err["message"], err
+    if code is not None:
+        assert err["code"] in ({code} if isinstance(code, str) else code), err
+    return err
+
+
 @contextlib.contextmanager
-def app_client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, load_in_background=False)) as c:
+def app_client(settings: Settings, forward: Forward = model_thread.forward, **kw) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, forward=forward, load_in_background=False), **kw) as c:
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def live_server(settings: Settings, wait_ready: bool = True) -> Iterator[tuple[str, uvicorn.Server]]:
+def live_server(
+    settings: Settings, wait_ready: bool = True, forward: Forward = model_thread.forward
+) -> Iterator[tuple[str, uvicorn.Server]]:
     """uvicorn on a free loopback port in a thread; yields (base URL, server)."""
     port = free_port()
-    app = create_app(settings.model_copy(update={"port": port}))
+    server: uvicorn.Server | None = None
+
+    def stop(_: str) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings.model_copy(update={"port": port}), forward=forward, on_load_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    app.state.mae.extra["server"] = server
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     url = f"http://127.0.0.1:{port}"

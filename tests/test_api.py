@@ -11,20 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from app.settings import Settings
-from model.checkpoint import load
+from model.formats import load
 from model.masking import Masking, len_keep_for_ratio, random_noise
-from tests.serving import app_client, image_bytes, live_server, make_weights
+from tests.serving import app_client, assert_error, image_bytes, live_server, make_weights
+
+pytestmark = pytest.mark.integration
 
 VIEWS = ["paste", "reconstruction", "masked", "original", "grid", "error"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w"))
 
 
 @pytest.fixture(scope="module")
@@ -192,21 +188,12 @@ def test_models_and_health(client, weights):
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def error_of(r, status, code=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["status"] == status and err["message"]
-    if code:
-        assert err["code"] == code
-    return err
-
-
 def test_error_codes(client):
-    error_of(post(client, "/v1/reconstruct", data=b"\x89PNG\r\n\x1a\nbroken"), 400, "undecodable")
-    error_of(post(client, "/v1/reconstruct", data=b""), 400)
-    error_of(client.post("/v1/reconstruct", content=b"GIF89a....", headers={"Content-Type": "image/gif"}), 415)
-    error_of(post(client, "/v1/reconstruct", data=image_bytes(fmt="GIF")), 415, "unsupported_type")
-    error_of(client.post("/v1/reconstruct", content=PNG), 415, "missing_content_type")
+    assert_error(post(client, "/v1/reconstruct", data=b"\x89PNG\r\n\x1a\nbroken"), 400, "undecodable")
+    assert_error(post(client, "/v1/reconstruct", data=b""), 400)
+    assert_error(client.post("/v1/reconstruct", content=b"GIF89a....", headers={"Content-Type": "image/gif"}), 415)
+    assert_error(post(client, "/v1/reconstruct", data=image_bytes(fmt="GIF")), 415, "unsupported_type")
+    assert_error(client.post("/v1/reconstruct", content=PNG), 415, "missing_content_type")
     for bad in (
         {"mask_ratio": "nan"},
         {"mask_ratio": "1"},
@@ -224,24 +211,24 @@ def test_error_codes(client):
         {"model": "nope"},
         {"bogus": "1"},
     ):
-        error_of(post(client, "/v1/reconstruct", params=bad), 422)
-    error_of(client.post("/v1/reconstruct", content=b"{", headers={"Content-Type": "application/json"}), 400)
-    error_of(client.get("/v1/nothing"), 404, "not_found")
+        assert_error(post(client, "/v1/reconstruct", params=bad), 422)
+    assert_error(client.post("/v1/reconstruct", content=b"{", headers={"Content-Type": "application/json"}), 400)
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
 
 
 def test_body_and_pixel_and_count_limits(weights):
     s = Settings(weights=str(weights), max_body_bytes=4096, max_image_pixels=60 * 60, max_images_per_request=2)
     with app_client(s) as c:
-        error_of(post(c, "/v1/reconstruct", data=image_bytes(100, 100)), 413, "body_too_large")
-        error_of(post(c, "/v1/reconstruct", data=image_bytes(70, 60, fmt="JPEG")), 413, "too_many_pixels")
+        assert_error(post(c, "/v1/reconstruct", data=image_bytes(100, 100)), 413, "body_too_large")
+        assert_error(post(c, "/v1/reconstruct", data=image_bytes(70, 60, fmt="JPEG")), 413, "too_many_pixels")
         files = [("image", ("a.png", image_bytes(8, 8), "image/png"))] * 3
-        error_of(c.post("/v1/embed", files=files), 413, "too_many_images")
+        assert_error(c.post("/v1/embed", files=files), 413, "too_many_images")
 
 
 def test_api_keys(weights):
     with app_client(Settings(weights=str(weights), api_keys="k1,k2")) as c:
-        error_of(post(c, "/v1/embed"), 401, "unauthorized")
-        error_of(
+        assert_error(post(c, "/v1/embed"), 401, "unauthorized")
+        assert_error(
             c.post("/v1/embed", content=PNG, headers={"Content-Type": "image/png", "Authorization": "Bearer nope"}), 401
         )
         ok = c.post("/v1/embed", content=PNG, headers={"Content-Type": "image/png", "Authorization": "Bearer k2"})
@@ -252,7 +239,7 @@ def test_api_keys(weights):
 def test_encoder_only_model_refuses_reconstruction(tmp_path):
     w = make_weights(tmp_path, "enc", has_decoder=False)
     with app_client(Settings(weights=str(w))) as c:
-        error_of(post(c, "/v1/reconstruct"), 422, "no_decoder")
+        assert_error(post(c, "/v1/reconstruct"), 422, "no_decoder")
         assert post(c, "/v1/embed").status_code == 200
 
 
@@ -300,21 +287,22 @@ def test_real_http_concurrent_requests_share_forward_passes(weights):
 def test_readiness_waits_for_loading(weights, monkeypatch):
     import time as _time
 
-    import app.main as main
+    from app.registry import Registry
 
-    real = main.Registry.from_settings
+    real = Registry.from_settings
 
     def slow(settings):
         _time.sleep(1.0)
         return real(settings)
 
-    monkeypatch.setattr(main.Registry, "from_settings", staticmethod(slow))
+    monkeypatch.setattr(Registry, "from_settings", staticmethod(slow))
     with live_server(Settings(weights=str(weights)), wait_ready=False) as (url, _):
         first = httpx.get(url + "/readyz")
         assert first.status_code == 503 and first.json()["status"] == "loading"
         assert httpx.get(url + "/healthz").status_code == 200
         r = httpx.post(url + "/v1/embed", content=PNG, headers={"Content-Type": "image/png"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        assert_error(r, 503, "not_ready")
+        assert "retry-after" in r.headers
         for _ in range(200):
             if httpx.get(url + "/readyz").status_code == 200:
                 break
@@ -342,4 +330,3 @@ def test_client_library(weights):
         with pytest.raises(MAEError) as e:
             c.reconstruct(b"junk")
         assert e.value.status == 415
-    assert torch.is_tensor(torch.zeros(1))

@@ -13,12 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import checkpoint
-from model.checkpoint import CheckpointError, load, save
+from model import MAE, DecoderMissingError
+from model import formats as checkpoint
 from model.config import get_config
 from model.convert import main as convert_main
-from model.mae import MAE, DecoderMissingError
+from model.formats import CheckpointError, load, save
+from model.formats.mae_state import FIXED_TABLES
 from model.masking import random_masking_spec
+
+pytestmark = pytest.mark.unit
 
 L = get_config("mae_test").num_patches
 
@@ -82,7 +85,7 @@ def test_own_format_fp16_storage_loads_as_fp32(make_mae, tmp_path: Path) -> None
         assert v.dtype == torch.float32, k
         expected = model.state_dict()[k]
         # Fixed position tables stay exact; learned weights are fp16-rounded.
-        assert torch.equal(v, expected if k in checkpoint.FIXED_TABLES else expected.half().float()), k
+        assert torch.equal(v, expected if k in FIXED_TABLES else expected.half().float()), k
     assert not loaded.notes
     same_outputs(model, loaded.model, atol=5e-2)
 

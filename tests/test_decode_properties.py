@@ -1,7 +1,7 @@
 """Properties of the decode path (app.imaging), for any bytes a client can send.
 
 - arbitrary bytes, bytes behind a real magic number, and valid files with bytes flipped or cut off never raise
-  anything but ImageError (which the routes answer 400 / 413 / 415), and never decode past the pixel cap;
+  anything but an ImageError (which app.errors answers 400 / 413 / 415), and never decode past the pixel cap;
 - any valid small image, in every accepted format and mode, decodes to RGB of its own size and preprocesses to
   (3, S, S) in [0, 1] for every resize mode.
 """
@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app import imaging
+
+pytestmark = pytest.mark.unit
 
 FAST = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"RIFF\x00\x01\x00\x00WEBPVP8 "]
@@ -56,7 +58,8 @@ def decode_or_image_error(data: bytes) -> Image.Image | None:
     try:
         im = imaging.decode(data, CAP)
     except imaging.ImageError as e:
-        assert e.status in (400, 413, 415) and e.code and e.message
+        assert type(e) in (imaging.UnreadableImage, imaging.ImageTooLarge, imaging.UnsupportedImage)
+        assert e.code and str(e)
         return None
     assert im.mode == "RGB" and im.size[0] * im.size[1] <= CAP
     return im
@@ -117,4 +120,4 @@ def test_valid_small_images_round_trip_to_their_size(w, h, fmt_mode, seed, resiz
     if w * h > 1:
         with pytest.raises(imaging.ImageError) as e:
             imaging.decode(data, w * h - 1)  # one pixel over the cap: refused from the header
-        assert e.value.status == 413 and e.value.code == "too_many_pixels"
+        assert isinstance(e.value, imaging.ImageTooLarge) and e.value.code == "too_many_pixels"

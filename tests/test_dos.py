@@ -1,8 +1,8 @@
 """Denial of service: what an attacker finds in an afternoon, each reproduced against a real server process.
 
-Every test here drives `python -m app.main` (through tests/launch.py when it needs slow work in flight) on loopback,
-bounded in time and count, and measures memory from /proc/PID/status (VmHWM) of that process. Each one failed on
-the code before the fix it guards (see docs/HARDENING.md, "Denial of service").
+Every test here drives `python -m app.cli` (what `mae-serve` runs; tests/launch.py when it needs slow work in
+flight) on loopback, bounded in time and count, and measures memory from /proc/PID/status (VmHWM) of that process.
+Each one failed on the code before the fix it guards (see docs/HARDENING.md, "Denial of service").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from app.harness import ServerProcess, metric_value
-from tests.serving import image_bytes, make_weights
+from tests.serving import assert_error, image_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,7 @@ PNG = image_bytes(48, 40)
 MIB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return make_weights(tmp_path_factory.mktemp("w"))
-
-
-def server(weights: Path, *, module: str = "app.main", prefix: tuple[str, ...] = (), **env: str) -> ServerProcess:
+def server(weights: Path, *, module: str = "app.cli", prefix: tuple[str, ...] = (), **env: str) -> ServerProcess:
     base = {"MAE_WEIGHTS": str(weights), "MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0"}
     return ServerProcess({**base, **env}, module=module, prefix=prefix)
 
@@ -59,7 +54,7 @@ def post(s: ServerProcess, path: str, data: bytes, ctype: str = "image/png", tim
 
 
 def error_code(r: httpx.Response) -> str:
-    return r.json()["error"]["code"]
+    return assert_error(r, r.status_code)["code"]
 
 
 def png_bytes(im: Image.Image) -> bytes:

@@ -1,4 +1,4 @@
-"""The performance paths of the engine and imaging (BENCHMARKS.md) keep the results the stock paths give."""
+"""The performance paths of the engine, imaging and rendering (BENCHMARKS.md) keep the results the stock paths give."""
 
 from __future__ import annotations
 
@@ -12,20 +12,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from app import imaging
-from app.engine import Engine, OneDNNLinear, model_thread, onednn_linear_works, prepare_cpu_kernels
-from app.registry import ModelEntry, Registry
+from app import imaging, model_thread, render
+from app.cpu_kernels import OneDNNLinear, onednn_linear_works, prepare_cpu_kernels
+from app.engine import Engine
+from app.registry import ModelEntry
 from model import MAE, get_config
 from model.masking import Masking, random_noise
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("shape", [(224, 224, 3), (1, 1, 3), (7, 33, 3)])
 def test_png_encoder_round_trips(shape):
     a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    im = Image.open(io.BytesIO(imaging.encode_png(a)))
+    im = Image.open(io.BytesIO(render.encode_png(a)))
     assert im.format == "PNG" and im.mode == "RGB" and np.array_equal(np.asarray(im), a)
     view = np.random.default_rng(1).integers(0, 256, (3, 9, 5), dtype=np.uint8).transpose(1, 2, 0)  # not contiguous
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(imaging.encode_png(view)))), view)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.encode_png(view)))), view)
 
 
 def test_numpy_conversions_equal_the_torch_ones():
@@ -35,7 +38,7 @@ def test_numpy_conversions_equal_the_torch_ones():
     assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(x, ref)
     y = torch.rand(3, 8, 8) * 1.4 - 0.2
     ref8 = (y.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(imaging.to_uint8(y), ref8)
+    assert np.array_equal(render.to_uint8(y), ref8)
 
 
 def test_jpeg_draft_decoding_keeps_both_sides_at_least_the_model_size():
@@ -67,27 +70,23 @@ def test_onednn_linears_match_stock_pytorch():
         assert layer.weight.grad is not None
 
 
-def _engine(cap: int, max_wait_ms: float) -> tuple[Engine, ModelEntry]:
+def _engine(cap: int, max_wait_ms: float, forward: model_thread.Forward) -> tuple[Engine, ModelEntry]:
     torch.manual_seed(0)
     model = MAE(get_config("mae_test")).eval()
     entry = ModelEntry("t", model, "-", "random", "none", torch.device("cpu"), torch.float32)
-    engine = Engine(
-        Registry({"t": entry}), max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap
-    )
+    engine = Engine(forward, max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap)
     return engine, entry
 
 
 def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
-    async def scenario() -> tuple[list[int], float]:
-        engine, entry = _engine(cap=3, max_wait_ms=1000)
-        sizes: list[int] = []
-        real = engine._compute
+    sizes: list[int] = []
 
-        def spy(e, op, images, masking):
-            sizes.append(int(images.shape[0]))
-            return real(e, op, images, masking)
+    def spy(e, op, images, masking):
+        sizes.append(int(images.shape[0]))
+        return model_thread.forward(e, op, images, masking)
 
-        engine._compute = spy  # type: ignore[method-assign]
+    async def scenario() -> float:
+        engine, entry = _engine(cap=3, max_wait_ms=1000, forward=spy)
         engine.start()
         x = torch.rand(3, 32, 32)
         t = time.monotonic()
@@ -95,32 +94,28 @@ def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
         lone = time.monotonic() - t
         await asyncio.gather(*(engine.submit(entry, "embed", x, None) for _ in range(7)))
         await engine.close(1)
-        return sizes, lone
+        return lone
 
-    sizes, lone = asyncio.run(scenario())
+    lone = asyncio.run(scenario())
     assert lone < 0.5
     assert sizes[0] == 1 and max(sizes) <= 3 and sum(sizes[1:]) == 7
 
 
 def test_engine_runs_on_the_one_model_thread():
-    async def scenario() -> set[str]:
-        engine, entry = _engine(cap=4, max_wait_ms=0)
-        names: set[str] = set()
-        real = engine._compute
+    import threading
 
-        def spy(e, op, images, masking):
-            import threading
+    names: set[str] = set()
 
-            names.add(threading.current_thread().name)
-            return real(e, op, images, masking)
+    def spy(e, op, images, masking):
+        names.add(threading.current_thread().name)
+        return model_thread.forward(e, op, images, masking)
 
-        engine._compute = spy  # type: ignore[method-assign]
+    async def scenario() -> None:
+        engine, entry = _engine(cap=4, max_wait_ms=0, forward=spy)
         engine.start()
         await engine.submit(entry, "embed", torch.rand(3, 32, 32), None)
-        engine.run_sync(entry, "embed", torch.rand(1, 3, 32, 32), None)
-        model_thread().submit(engine.run_sync, entry, "embed", torch.rand(1, 3, 32, 32), None).result()
+        model_thread.run(model_thread.compute, spy, entry, "embed", torch.rand(1, 3, 32, 32), None)
         await engine.close(1)
-        return names
 
-    names = asyncio.run(scenario())
+    asyncio.run(scenario())
     assert len(names) == 1 and next(iter(names)).startswith("mae-model")

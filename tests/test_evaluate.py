@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import save
+from model import MAE, ReconstructOutput
 from model.config import get_config
 from model.evaluate import (
     METHODS,
@@ -23,8 +23,10 @@ from model.evaluate import (
     pixel_mask,
     psnr,
 )
-from model.mae import MAE, ReconstructOutput
+from model.formats import save
 from model.masking import Masking, explicit_masking, random_masking_spec
+
+pytestmark = pytest.mark.unit
 
 P = 8  # mae_test: 32 x 32 images, 8 x 8 patches, a 4 x 4 grid
 SIZE = 32

@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model import checkpoint
+from model import formats as checkpoint
 from model.config import CONFIGS, get_config
 from model.mae import MAE
 from weights import fetch as wf
 from weights.fetch import FetchError, RemoteFile, Source
+
+pytestmark = pytest.mark.unit
 
 # ---------------------------------------------------------------------------------------------------- the table
 EXPECTED_OFFICIAL = {

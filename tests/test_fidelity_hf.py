@@ -3,7 +3,7 @@
 A randomly initialised `ViTMAEForPreTraining` (every parameter random, position tables the sin-cos table HF
 builds itself) is written as (1) what this transformers' save_pretrained writes, (2) the hub's legacy key
 layout (facebook/vit-mae-*), (3) an official facebookresearch/mae `.pth` (the key mapping of transformers'
-convert_vit_mae_to_pytorch.py, reversed). Each is loaded with `model.checkpoint.load` and compared in fp32.
+convert_vit_mae_to_pytorch.py, reversed). Each is loaded with `model.formats.load` and compared in fp32.
 
 Known difference, kept on purpose: for inputs of another size HF's *decoder* resamples its position table as a
 1-D sequence of H*W rows (`ViTMAEDecoder.interpolate_pos_encoding`), which mixes neighbouring rows of the grid;
@@ -23,13 +23,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load, sha256_of
 from model.config import IMAGENET_MEAN, IMAGENET_STD
+from model.formats import CheckpointError, load, sha256_of
 from model.masking import Masking, len_keep_for_ratio
 from model.pos_embed import interpolate_pos_embed
 
 transformers = pytest.importorskip("transformers")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 HF_CONFIG = dict(  # the mae_test shapes: image 32, patch 8 (16 patches), 32-d x 2, decoder 16-d x 1
     image_size=32,

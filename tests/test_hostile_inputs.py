@@ -27,15 +27,12 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.serving import image_bytes, live_server, make_weights
+from tests.serving import assert_error, image_bytes, live_server
+
+pytestmark = pytest.mark.integration
 
 PIXEL_CAP = 1_000_000  # far below the 8000 x 8000 bomb, above every legitimate test image
 SEEN: collections.Counter = collections.Counter()  # status -> count, reported at the end of the module
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w"))
 
 
 def hostile_client(weights, **changes) -> TestClient:
@@ -55,13 +52,10 @@ def answered(r: httpx.Response, status: int | set[int], code: str | set[str] | N
     """The answer is the expected status, and an error answer has the one documented shape."""
     SEEN[r.status_code] += 1
     assert r.status_code < 500, r.text
-    statuses = {status} if isinstance(status, int) else status
-    assert r.status_code in statuses, (r.status_code, r.text[:300])
     if r.status_code >= 400:
-        err = r.json()["error"]
-        assert set(err) == {"status", "code", "message"} and err["status"] == r.status_code and err["message"]
-        if code is not None:
-            assert err["code"] in ({code} if isinstance(code, str) else code), err
+        assert_error(r, status, code)
+    else:
+        assert r.status_code in ({status} if isinstance(status, int) else status), (r.status_code, r.text[:300])
     return r
 
 

@@ -1,4 +1,4 @@
-"""The process's life: a real `python -m app.main` (what `mae-serve` runs) drains on SIGTERM and exits 0; bad
+"""The process's life: a real `python -m app.cli` (what `mae-serve` runs) drains on SIGTERM and exits 0; bad
 weights stop the start with exit code 1 and one line on stderr; out of memory splits a batch, then answers 503.
 """
 
@@ -7,11 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,66 +17,25 @@ import httpx
 import pytest
 import torch
 
+from app.harness import ServerProcess
 from app.settings import Settings
-from tests.serving import app_client, free_port, image_bytes, make_weights
+from tests.serving import app_client, assert_error, image_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
 PNG = image_bytes(16, 16)
-
-# Loaded by the child through PYTHONPATH: makes every forward pass slow, so requests are really in flight when the
-# signal comes. The server itself is the unchanged `python -m app.main`.
-SITECUSTOMIZE = """
-import os, time
-from app import engine
-_delay, _real = float(os.environ["MAE_TEST_FORWARD_SLEEP_S"]), engine.Engine._forward
-def _slow(entry, op, images, masking):
-    time.sleep(_delay)
-    return _real(entry, op, images, masking)
-engine.Engine._forward = staticmethod(_slow)
-"""
+BASE = {"MAE_WARMUP": "false", "MAE_DEVICE": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w"))
+def server(module: str = "app.cli", **env: str) -> ServerProcess:
+    return ServerProcess({**BASE, **env}, module=module, split_stderr=True)
 
 
-def start(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    full = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")])),
-        "MAE_PORT": str(port),
-        "MAE_LOG_LEVEL": "warning",
-        "MAE_WARMUP": "false",
-        "MAE_DEVICE": "cpu",
-        **env,
-    }
-    cmd = [sys.executable, "-m", "app.main"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("mae-serve did not become ready")
-
-
-def test_sigterm_under_load_drains_and_exits_0(tmp_path, weights):
-    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+def test_sigterm_under_load_drains_and_exits_0(weights):
     grace = 10.0
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    proc, url = start(
-        tmp_path,
+    srv = server(
+        "tests.launch",
         MAE_WEIGHTS=str(weights),
         MAE_WEIGHTS_SHA256=sha,  # the right pin: starts
         MAE_MAX_BATCH_SIZE="1",
@@ -87,8 +43,9 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path, weights):
         MAE_SHUTDOWN_TIMEOUT_S=str(grace),
         MAE_TEST_FORWARD_SLEEP_S="0.25",
     )
+    proc, url = srv.start().proc, srv.url
     try:
-        wait_ready(proc, url)
+        srv.wait_ready()
         keep_alive = httpx.Client(base_url=url, timeout=30)
         assert keep_alive.get("/readyz").status_code == 200  # the connection a load balancer holds open
         results: list = []
@@ -117,7 +74,7 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path, weights):
             t.join(30)
         rc = proc.wait(grace + 10)
         drain = time.monotonic() - t0
-        err = proc.stderr.read()
+        err = srv.stderr()
         print(f"\nSIGTERM: /readyz on the kept-alive connection -> {readyz}; in-flight {results}; exit {rc} after "
               f"{drain:.2f} s (grace {grace:.0f} s)")  # fmt: skip
         assert readyz in ((503, "draining"), ("closed", None)), readyz  # never 200 once the signal is in
@@ -128,9 +85,7 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path, weights):
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/healthz", timeout=2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        srv.kill()
 
 
 def test_draining_flag_is_set_synchronously_by_the_signal_handler(weights):
@@ -141,11 +96,11 @@ def test_draining_flag_is_set_synchronously_by_the_signal_handler(weights):
 
     with app_client(Settings(weights=str(weights))) as c:
         assert c.get("/readyz").status_code == 200
-        server = Server(uvicorn.Config(c.app), c.app.state.mae, drain_s=20)
-        server.handle_exit(signal.SIGTERM, None)
+        srv = Server(uvicorn.Config(c.app), c.app.state.mae, drain_s=20)
+        srv.handle_exit(signal.SIGTERM, None)
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "draining"} and r.headers["retry-after"] == "1"
-        assert server.should_exit
+        assert srv.should_exit
 
 
 def tamper_header(src: Path, dst: Path) -> None:
@@ -182,12 +137,12 @@ def test_bad_weights_exit_1_with_one_line(tmp_path, weights):
         ),
     }
     t = time.monotonic()
-    procs = {name: start(tmp_path, **env)[0] for name, (env, _) in cases.items()}  # in parallel: each imports torch
-    procs["bad pin"] = start(tmp_path, MAE_WEIGHTS_SHA256="xyz")[0]  # a setting mae-serve refuses up front
+    procs = {name: server(**env).start() for name, (env, _) in cases.items()}  # in parallel: each imports torch
+    procs["bad pin"] = server(MAE_WEIGHTS_SHA256="xyz").start()  # a setting mae-serve refuses up front
     outcomes = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        outcomes[name] = (proc.returncode, err.strip().splitlines())
+    for name, p in procs.items():
+        rc = p.proc.wait(timeout=120)
+        outcomes[name] = (rc, p.stderr().strip().splitlines())
     assert outcomes.pop("bad pin") == (
         2,
         ["mae-serve: bad setting: bad MAE_WEIGHTS_SHA256 entry 'xyz': expected 64 hex digits"],
@@ -222,7 +177,7 @@ def test_out_of_memory_splits_the_batch_then_answers_503(weights, monkeypatch):
     with app_client(s) as c:
         reference = c.post("/v1/reconstruct", json=body)
         assert reference.status_code == 200
-        model = c.app.state.mae.registry.entries["tiny"].model
+        model = c.app.state.mae.service.registry.entries["tiny"].model
 
         tried = fake_oom(monkeypatch, model, fail_at=2)  # only single images fit
         r = c.post("/v1/reconstruct", json=body)
@@ -232,8 +187,7 @@ def test_out_of_memory_splits_the_batch_then_answers_503(weights, monkeypatch):
 
         tried = fake_oom(monkeypatch, model, fail_at=1)  # nothing fits
         r = c.post("/v1/reconstruct", content=PNG, headers={"Content-Type": "image/png"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
-        assert r.headers["retry-after"] == "1" and "out of memory" in r.json()["error"]["message"]
+        assert "out of memory" in assert_error(r, 503, "overloaded")["message"] and r.headers["retry-after"] == "1"
         r = c.post("/v1/reconstruct", json=body)  # several images: each answers its own 503
         assert r.status_code == 200 and [x["error"]["status"] for x in r.json()] == [503] * 4
 

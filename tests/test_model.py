@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from model import MAE, DecoderMissingError
 from model.config import get_config
-from model.mae import MAE, DecoderMissingError
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, no_masking, random_masking_spec
 from model.pos_embed import sincos_2d
+
+pytestmark = pytest.mark.unit
 
 L = get_config("mae_test").num_patches  # 16 patches of 8x8 on a 32x32 image
 

@@ -1,6 +1,6 @@
 """Overload through a real server: offered ~2x what the model can do, every request is answered (200, or 503 with
-Retry-After), the queue never grows past MAE_MAX_QUEUE, memory stays flat; a request whose X-MAE-Deadline-Ms
-passes while it waits gets 504 and is never computed.
+Retry-After), the queue never grows past MAE_MAX_QUEUE; a request whose X-MAE-Deadline-Ms passes while it waits gets
+504 and is never computed. (Memory under sustained overload is measured by bench/soak.py, not asserted here.)
 
 The model is made slow on purpose (a fixed sleep per forward pass), so capacity is known on any machine:
 MAX_BATCH images per FORWARD_S seconds.
@@ -8,7 +8,6 @@ MAX_BATCH images per FORWARD_S seconds.
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from collections import Counter
@@ -17,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app import metrics
-from app.engine import Engine
+from app import metrics, model_thread
 from app.settings import Settings
-from tests.serving import image_bytes, live_server, make_weights
+from tests.serving import assert_error, image_bytes, live_server
+
+pytestmark = pytest.mark.integration
 
 FORWARD_S = 0.05
 MAX_BATCH = 2
@@ -29,37 +29,22 @@ CAPACITY = MAX_BATCH / FORWARD_S  # images per second: 40
 PNG = image_bytes(16, 16)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w"))
-
-
 class SlowModel:
-    """Every forward pass takes `delay` seconds longer; `computed` lists the batch sizes run, in order."""
+    """A forward function (the engine's seam) whose every pass takes `delay` seconds longer; `computed` lists the
+    batch sizes run, in order."""
 
     def __init__(self, delay: float) -> None:
         self.delay, self.computed = delay, []
 
+    def forward(self, entry, op, images, masking):
+        self.computed.append(int(images.shape[0]))
+        time.sleep(self.delay)
+        return model_thread.forward(entry, op, images, masking)
+
 
 @pytest.fixture
-def slow_model(monkeypatch) -> SlowModel:
-    slow, real = SlowModel(FORWARD_S), Engine._forward
-
-    def forward(entry, op, images, masking):
-        slow.computed.append(int(images.shape[0]))
-        time.sleep(slow.delay)
-        return real(entry, op, images, masking)
-
-    monkeypatch.setattr(Engine, "_forward", staticmethod(forward))
-    return slow
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+def slow_model() -> SlowModel:
+    return SlowModel(FORWARD_S)
 
 
 def counter_value(counter, *labels: str) -> float:
@@ -86,13 +71,14 @@ def open_loop(url: str, rate: float, seconds: float) -> list[tuple]:
         return [f.result() for f in futures]
 
 
-def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow_model):
+@pytest.mark.soak
+def test_overload_every_request_answered_and_the_queue_bounded(weights, slow_model):
     s = Settings(
         weights=str(weights), max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE, max_wait_ms=1, warmup=False,
         retry_after_s=1, log_level="warning",
     )  # fmt: skip
-    with live_server(s) as (url, server):
-        engine = server.config.app.state.mae.engine
+    with live_server(s, forward=slow_model.forward) as (url, server):
+        engine = server.config.app.state.mae.service.engine
         depths: list[int] = []
         stop = threading.Event()
 
@@ -104,9 +90,9 @@ def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         rejected_before = counter_value(metrics.REJECTS, "queue_full")
-        results, rss = [], []
+        results = []
         try:
-            for _ in range(3):  # a bounded soak: three rounds, memory measured after each
+            for _ in range(3):  # three rounds
                 t = time.monotonic()
                 results += open_loop(url, rate=2 * CAPACITY, seconds=2.0)
                 rounds_s = time.monotonic() - t
@@ -114,8 +100,6 @@ def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow
                     ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith("mae_queue_depth ")
                 ]
                 assert float(gauge[0].split()[1]) <= MAX_QUEUE
-                gc.collect()
-                rss.append(rss_mb())
         finally:
             stop.set()
             watcher.join()
@@ -124,8 +108,7 @@ def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow
         print(
             f"\noverload: {len(results)} requests at {2 * CAPACITY:.0f}/s vs capacity {CAPACITY:.0f}/s "
             f"(last round {rounds_s:.1f} s): {dict(statuses)}, lost {len(lost)}, max queue depth {max(depths)} "
-            f"(cap {MAX_QUEUE}), batches {Counter(slow_model.computed)}, RSS {rss[0]:.0f} -> {rss[-1]:.0f} MB "
-            f"(drift {rss[-1] - rss[0]:+.1f} MB)"
+            f"(cap {MAX_QUEUE}), batches {Counter(slow_model.computed)}"
         )
         assert not lost, lost[:3]
         assert set(statuses) <= {200, 503}, statuses
@@ -133,7 +116,6 @@ def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow
         assert all(r[1] == "1" and r[2] == "overloaded" for r in results if r[0] == 503)
         assert counter_value(metrics.REJECTS, "queue_full") - rejected_before == statuses[503]
         assert max(depths) <= MAX_QUEUE
-        assert rss[-1] - rss[0] < 40, rss
         assert engine.depth == 0 and engine.in_flight == 0
         assert httpx.get(url + "/readyz").status_code == 200
 
@@ -141,7 +123,11 @@ def test_overload_every_request_answered_queue_bounded_memory_flat(weights, slow
 def test_deadline_passed_in_the_queue_is_504_and_never_computed(weights, slow_model):
     slow_model.delay = 0.4  # the first request holds the model for 0.4 s
     s = Settings(weights=str(weights), max_batch_size=1, max_wait_ms=0, warmup=False, log_level="warning")
-    with live_server(s) as (url, _), httpx.Client(base_url=url, timeout=30) as h, ThreadPoolExecutor(4) as pool:
+    with (
+        live_server(s, forward=slow_model.forward) as (url, _),
+        httpx.Client(base_url=url, timeout=30) as h,
+        ThreadPoolExecutor(4) as pool,
+    ):
         images_before = counter_value(metrics.IMAGES, "embed")
         deadline_before = counter_value(metrics.REJECTS, "deadline")
 
@@ -159,7 +145,7 @@ def test_deadline_passed_in_the_queue_is_504_and_never_computed(weights, slow_mo
         patient = pool.submit(post, "10000")
         (r_busy, _), (r_late, t_late), (r_patient, _) = busy.result(), late.result(), patient.result()
         assert r_busy.status_code == 200 and r_patient.status_code == 200
-        assert r_late.status_code == 504 and r_late.json()["error"]["code"] == "deadline_exceeded", r_late.text
+        assert_error(r_late, 504, "deadline_exceeded")
         assert t_late < 2.0
         assert slow_model.computed == [1, 1]  # busy and patient; the late one never reached the model
         assert counter_value(metrics.IMAGES, "embed") - images_before == 2

@@ -29,6 +29,8 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from app.settings import Settings
 from tests.serving import image_bytes, live_server, make_weights
 
+pytestmark = pytest.mark.integration
+
 KEY = "schemathesis-key"
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 40}
 STATUSES: Counter = Counter()

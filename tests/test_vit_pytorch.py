@@ -20,18 +20,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import CheckpointError
+from model import MAE, DecoderMissingError
 from model.config import get_config
-from model.mae import MAE, DecoderMissingError
+from model.formats import CheckpointError
+from model.formats.vit_pytorch import config_from, is_vit_pytorch_state, load_vit_pytorch
 from model.masking import Masking, explicit_masking
-from model.vit_pytorch_mae import (
-    VitPytorchMAE,
-    config_from,
-    is_vit_pytorch_state,
-    load_vit_pytorch,
-    masking_from_rand,
-    num_masked_for,
-)
+from model.vit_pytorch_mae import VitPytorchMAE, masking_from_rand, num_masked_for
+
+pytestmark = pytest.mark.unit
 
 TOL = 1e-5
 IMG, PATCH, L = 32, 8, 16

@@ -6,13 +6,16 @@ import base64
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from app.settings import Settings
-from model.checkpoint import load
+from model.formats import load
 from tests.serving import app_client
 from tests.test_vit_pytorch import IMG, PATCH, L, images, make_reference, ref, run_reference, save, sidecar  # noqa: F401
+
+pytestmark = pytest.mark.integration
 
 
 def png(x01: torch.Tensor) -> bytes:

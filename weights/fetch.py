@@ -11,7 +11,7 @@ Sources (looked up in facebookresearch/mae):
 * ``mae_pretrain_vit_{base,large,huge}``: the "pre-trained checkpoint" table of the README: ENCODER ONLY (they
   embed, they cannot reconstruct). The README gives the first 6 hex digits of each file's md5; we check them.
 * ``facebook/vit-mae-{base,large,huge}``: the Hugging Face port (config.json, preprocessor_config.json and the
-  weights from the hub's resolve URLs; model.checkpoint.load reads the folder). Only vit-mae-base has
+  weights from the hub's resolve URLs; model.formats.load reads the folder). Only vit-mae-base has
   model.safetensors on main; for large the hub's own safetensors conversion lives on refs/pr/1, and huge has
   only pytorch_model.bin; the alternatives are tried in that order (a 404 moves on).
 
@@ -42,7 +42,7 @@ import httpx
 import torch
 from tqdm import tqdm
 
-from model import checkpoint
+from model import formats as checkpoint
 from model.config import get_config
 
 OFFICIAL = "https://dl.fbaipublicfiles.com/mae"
@@ -261,7 +261,7 @@ def _check_architecture(loaded: checkpoint.LoadedModel, source: Source) -> None:
 
 
 def convert(source: Source, raw: list[Path], out: Path) -> tuple[checkpoint.LoadedModel, str]:
-    """Read the downloaded file(s) with model.checkpoint.load and write the project's format (fp16)."""
+    """Read the downloaded file(s) with model.formats.load and write the project's format (fp16)."""
     # HF: config.json sits beside the weights; the loader reads the folder.
     target = raw[-1].parent if source.kind == "hf" else raw[-1]
     try:

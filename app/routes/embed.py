@@ -6,85 +6,26 @@ import io
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from app.deps import AppState, ready_state, require_api_key
-from app.inputs import read_inputs
-from app.pipeline import embed_one
-from app.routes.common import query_dict, request_body_doc, resolve, run_each
-from app.schemas import APIError, EmbedParams, EmbedResult, ErrorBody, ImageFailure, parse_params
+from app import pipeline
+from app.auth import require_api_key
+from app.errors import APIError
+from app.params import Call, EmbedParams, Pool, call_for, openapi_for
+from app.pipeline import Embedded
+from app.schemas import EmbedResult, ErrorBody, ImageFailure
+from app.service import Service, get_service
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_api_key)])
 
-_FIELDS = {
-    "mask_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0},
-    "seed": {"type": "integer", "minimum": 0},
-    "mask": {"type": "string", "description": "masked patch indices, row-major, comma-separated"},
-    "pool": {"type": "string", "enum": ["all", "cls", "mean", "patches"]},
-    "format": {"type": "string", "enum": ["json", "npy", "npz"]},
-    "dtype": {"type": "string", "enum": ["float32", "float16"]},
-    "model": {"type": "string"},
-    "resize": {"type": "string", "enum": ["squash", "crop", "pad"]},
+_POOLS: dict[Pool, tuple[str, ...]] = {
+    "all": ("cls", "mean", "patches"),
+    "cls": ("cls",),
+    "mean": ("mean",),
+    "patches": ("patches",),
 }
-_POOLS = {"all": ("cls", "mean", "patches"), "cls": ("cls",), "mean": ("mean",), "patches": ("patches",)}
-
-
-def _json_body(r: dict[str, Any], pool: str) -> dict[str, Any]:
-    keep = _POOLS[pool]
-    body = {k: r[k] for k in ("model", "dim", "grid", "seed", "mask_ratio")}
-    if "cls" in keep:
-        body["cls"] = None if r["cls"] is None else r["cls"].tolist()
-    if "mean" in keep:
-        body["mean"] = r["mean"].tolist()
-    if "patches" in keep:
-        body["patches"] = r["patches"].tolist()
-        body["patch_indices"] = r["patch_indices"].tolist()
-    return body
-
-
-def _binary(results: list[dict[str, Any]], params: EmbedParams) -> Response:
-    """npy: one array (pool cls|mean|patches), npz: named arrays. Several images stack on a leading axis."""
-    dt = np.float16 if params.dtype == "float16" else np.float32
-    single = len(results) == 1
-
-    def stack(key: str) -> np.ndarray:
-        arrs = [r[key].numpy() for r in results]
-        return arrs[0] if single else np.stack(arrs)
-
-    buf = io.BytesIO()
-    if params.format == "npy":
-        if params.pool == "all":
-            raise APIError(
-                422,
-                "bad_parameter",
-                "format=npy holds one array: choose pool=cls|mean|patches, or format=npz for all of them",
-            )
-        if params.pool == "cls" and results[0]["cls"] is None:
-            raise APIError(422, "no_cls_token", "this model has no CLS token; use pool=mean")
-        np.save(buf, stack(params.pool).astype(dt), allow_pickle=False)
-        media, name = "application/x-npy", "embeddings.npy"
-    else:
-        arrays: dict[str, np.ndarray] = {}
-        for key in _POOLS[params.pool]:
-            if key == "cls" and results[0]["cls"] is None:
-                continue
-            arrays[key] = stack(key).astype(dt)
-        if "patches" in arrays:
-            arrays["patch_indices"] = stack("patch_indices").astype(np.int64)
-        arrays["grid"] = np.asarray(results[0]["grid"], dtype=np.int64)
-        np.savez(buf, **arrays)
-        media, name = "application/x-npz", "embeddings.npz"
-    r0 = results[0]
-    headers = {
-        "Content-Disposition": f'attachment; filename="{name}"',
-        "X-MAE-Model": r0["model"],
-        "X-MAE-Dim": str(r0["dim"]),
-        "X-MAE-Grid": f"{r0['grid'][0]}x{r0['grid'][1]}",
-        "X-MAE-Seed": "" if r0["seed"] is None else str(r0["seed"]),
-        "X-MAE-Mask-Ratio": f"{r0['mask_ratio']:.6g}",
-    }
-    return Response(buf.getvalue(), media_type=media, headers=headers)
+NO_CLS = APIError(422, "no_cls_token", "this model has no CLS token; use pool=mean")
 
 
 @router.post(
@@ -101,34 +42,94 @@ def _binary(results: list[dict[str, Any]], params: EmbedParams) -> Response:
         },
         **{code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)},
     },
-    openapi_extra=request_body_doc(_FIELDS),
+    openapi_extra=openapi_for(EmbedParams),
 )
 async def embed(
-    request: Request,
-    state: Annotated[AppState, Depends(ready_state)],
-    mask_ratio: Annotated[float | None, Query(ge=0, lt=1, description="fraction of patches hidden; 0 = all")] = None,
-    seed: Annotated[int | None, Query(ge=0, description="seeds the random mask when mask_ratio > 0")] = None,
-    mask: Annotated[str | None, Query(description="explicit masked patch indices; overrides ratio and seed")] = None,
-    pool: Annotated[str | None, Query(description="all|cls|mean|patches")] = None,
-    format: Annotated[str | None, Query(description="json|npy|npz")] = None,
-    dtype: Annotated[str | None, Query(description="float32|float16 (binary formats)")] = None,
-    model: Annotated[str | None, Query(description="model name, when several are loaded")] = None,
-    resize: Annotated[str | None, Query(description="squash|crop|pad")] = None,
+    call: Annotated[Call[EmbedParams], Depends(call_for(EmbedParams))],
+    service: Annotated[Service, Depends(get_service)],
 ) -> Response:
-    images, fields = await read_inputs(request, state.settings, state.io_pool)
-    params = parse_params(EmbedParams, query_dict(request), fields, state.registry.max_patches)
-    entry, seed, deadline = resolve(state, request, params)
-    results = await run_each(images, lambda b: embed_one(state, entry, params, b, seed, deadline))
-    if params.format != "json":
+    p = call.params
+    results = await pipeline.each(
+        call.images, lambda b: pipeline.embed(service, call.model, b, call.mask, p.resize, call.deadline)
+    )
+    if p.format != "json":
+        done = []
         for r in results:  # binary answers are all or nothing
             if isinstance(r, APIError):
                 raise r
-        return _binary(results, params)
-    if params.pool == "cls" and not isinstance(results[0], APIError) and results[0]["cls"] is None:
-        raise APIError(422, "no_cls_token", "this model has no CLS token; use pool=mean")
-    bodies = [r.body() if isinstance(r, APIError) else _json_body(r, params.pool) for r in results]
-    if len(images) == 1:
-        if isinstance(results[0], APIError):
-            raise results[0]
+            done.append(r)
+        return _binary(done, p)
+    first = results[0]
+    if p.pool == "cls" and isinstance(first, Embedded) and first.out.cls is None:
+        raise NO_CLS
+    bodies = [r.body() if isinstance(r, APIError) else _json(r, p.pool) for r in results]
+    if len(call.images) == 1:
+        if isinstance(first, APIError):
+            raise first
         return JSONResponse(bodies[0])
     return JSONResponse(bodies)
+
+
+def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
+    """The JSON answer (EmbedResult), with the embeddings `pool` asks for."""
+    keep, e = _POOLS[pool], r.out
+    body: dict[str, Any] = {
+        "model": r.model.name,
+        "dim": int(e.patches.shape[-1]),
+        "grid": list(e.grid),
+        "seed": r.seed,
+        "mask_ratio": r.mask_ratio,
+    }
+    if "cls" in keep:
+        body["cls"] = None if e.cls is None else e.cls.tolist()
+    if "mean" in keep:
+        body["mean"] = e.mean.tolist()
+    if "patches" in keep:
+        body["patches"] = e.patches.tolist()
+        body["patch_indices"] = e.patch_indices.tolist()
+    return body
+
+
+def _binary(results: list[Embedded], p: EmbedParams) -> Response:
+    """npy: one array (pool cls|mean|patches), npz: named arrays. Several images stack on a leading axis."""
+    dt = np.float16 if p.dtype == "float16" else np.float32
+    single = len(results) == 1
+    has_cls = results[0].out.cls is not None
+
+    def stack(key: str) -> np.ndarray:
+        arrs = [getattr(r.out, key).numpy() for r in results]
+        return arrs[0] if single else np.stack(arrs)
+
+    buf = io.BytesIO()
+    if p.format == "npy":
+        if p.pool == "all":
+            raise APIError(
+                422,
+                "bad_parameter",
+                "format=npy holds one array: choose pool=cls|mean|patches, or format=npz for all of them",
+            )
+        if p.pool == "cls" and not has_cls:
+            raise NO_CLS
+        np.save(buf, stack(p.pool).astype(dt), allow_pickle=False)
+        media, name = "application/x-npy", "embeddings.npy"
+    else:
+        arrays: dict[str, np.ndarray] = {}
+        for key in _POOLS[p.pool]:
+            if key == "cls" and not has_cls:
+                continue
+            arrays[key] = stack(key).astype(dt)
+        if "patches" in arrays:
+            arrays["patch_indices"] = stack("patch_indices").astype(np.int64)
+        arrays["grid"] = np.asarray(results[0].out.grid, dtype=np.int64)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        media, name = "application/x-npz", "embeddings.npz"
+    r0 = results[0]
+    headers = {
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "X-MAE-Model": r0.model.name,
+        "X-MAE-Dim": str(r0.out.patches.shape[-1]),
+        "X-MAE-Grid": f"{r0.out.grid[0]}x{r0.out.grid[1]}",
+        "X-MAE-Seed": "" if r0.seed is None else str(r0.seed),
+        "X-MAE-Mask-Ratio": f"{r0.mask_ratio:.6g}",
+    }
+    return Response(buf.getvalue(), media_type=media, headers=headers)

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import AppState, get_state, require_metrics_key
+from app.auth import require_metrics_key
 from app.schemas import ErrorBody
+from app.service import Readiness, get_readiness
 
 router = APIRouter(tags=["health"])
 
@@ -20,10 +21,10 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Ready: weights loaded and warmed up, not draining")
-async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Response:
-    if state.ready and not state.draining:
-        return JSONResponse({"status": "ready", "models": list(state.registry.entries) if state.registry else []})
-    status = "draining" if state.draining else "loading"
+async def readyz(r: Annotated[Readiness, Depends(get_readiness)]) -> Response:
+    if r.ready and r.service is not None:
+        return JSONResponse({"status": "ready", "models": list(r.service.registry.entries)})
+    status = "draining" if r.draining else "loading"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 

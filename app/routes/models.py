@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from app.deps import AppState, ready_state, require_api_key
+from app.auth import require_api_key
 from app.schemas import ErrorBody, ModelList
+from app.service import Service, get_service
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -18,8 +19,6 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_
     summary="The loaded models",
     responses={code: {"model": ErrorBody} for code in (401, 503)},
 )
-async def list_models(state: Annotated[AppState, Depends(ready_state)]) -> ModelList:
-    assert state.registry is not None
-    return ModelList.model_validate(
-        {"default": state.registry.default, "models": [e.describe() for e in state.registry.entries.values()]}
-    )
+async def list_models(service: Annotated[Service, Depends(get_service)]) -> ModelList:
+    registry = service.registry
+    return ModelList(default=registry.default, models=[e.describe() for e in registry.entries.values()])

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import base64
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from app.deps import AppState, ready_state, require_api_key
-from app.inputs import read_inputs
-from app.pipeline import reconstruct_one
-from app.routes.common import query_dict, request_body_doc, resolve, run_each
-from app.schemas import APIError, ErrorBody, ImageFailure, ReconstructParams, ReconstructResult, parse_params
+from app import pipeline, render
+from app.auth import require_api_key
+from app.errors import APIError
+from app.params import Call, ReconstructParams, call_for, openapi_for
+from app.pipeline import Reconstructed
+from app.schemas import ErrorBody, ImageFailure, ReconstructResult
+from app.service import Service, get_service
 
 router = APIRouter(prefix="/v1", tags=["reconstruct"], dependencies=[Depends(require_api_key)])
-
-_FIELDS = {
-    "mask_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.75},
-    "seed": {"type": "integer", "minimum": 0},
-    "mask": {"type": "string", "description": "masked patch indices, row-major, comma-separated"},
-    "view": {"type": "string", "enum": ["paste", "reconstruction", "masked", "original", "grid", "error"]},
-    "format": {"type": "string", "enum": ["png", "json"]},
-    "model": {"type": "string"},
-    "resize": {"type": "string", "enum": ["squash", "crop", "pad"]},
-}
 
 
 @router.post(
@@ -37,46 +31,60 @@ _FIELDS = {
         },
         **{code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)},
     },
-    openapi_extra=request_body_doc(_FIELDS),
+    openapi_extra=openapi_for(ReconstructParams),
 )
 async def reconstruct(
-    request: Request,
-    state: Annotated[AppState, Depends(ready_state)],
-    mask_ratio: Annotated[float | None, Query(ge=0, lt=1, description="fraction of patches hidden")] = None,
-    seed: Annotated[int | None, Query(ge=0, description="seeds the random mask; drawn and echoed when absent")] = None,
-    mask: Annotated[str | None, Query(description="explicit masked patch indices; overrides ratio and seed")] = None,
-    view: Annotated[str | None, Query(description="paste|reconstruction|masked|original|grid|error")] = None,
-    format: Annotated[str | None, Query(description="png|json")] = None,
-    model: Annotated[str | None, Query(description="model name, when several are loaded")] = None,
-    resize: Annotated[str | None, Query(description="squash|crop|pad")] = None,
+    call: Annotated[Call[ReconstructParams], Depends(call_for(ReconstructParams))],
+    service: Annotated[Service, Depends(get_service)],
 ) -> Response:
-    images, fields = await read_inputs(request, state.settings, state.io_pool)
-    params = parse_params(ReconstructParams, query_dict(request), fields, state.registry.max_patches)
-    entry, seed, deadline = resolve(state, request, params)
-    if params.format == "png" and len(images) > 1:
+    p = call.params
+    if p.format == "png" and len(call.images) > 1:
         raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")
-
-    results = await run_each(images, lambda b: reconstruct_one(state, entry, params, b, seed, deadline))
-    if params.format == "png":
+    results = await pipeline.each(
+        call.images, lambda b: pipeline.reconstruct(service, call.model, b, call.mask, p.resize, call.deadline)
+    )
+    sha = {"X-MAE-Weights-SHA256": call.model.sha256}
+    loop = asyncio.get_running_loop()
+    if p.format == "png":
         r = results[0]
         if isinstance(r, APIError):
             raise r
-        meta = r["meta"]
-        headers = {
-            "X-MAE-Model": meta["model"],
-            "X-MAE-Weights-SHA256": entry.sha256,
-            "X-MAE-Seed": "" if meta["seed"] is None else str(meta["seed"]),
-            "X-MAE-Mask-Ratio": f"{meta['mask_ratio']:.6g}",
-            "X-MAE-Grid": f"{meta['grid'][0]}x{meta['grid'][1]}",
-            "X-MAE-Mask": ",".join(map(str, meta["mask"])),
-            "X-MAE-MSE": f"{meta['mse']:.6g}",
-            "X-MAE-PSNR": "" if meta["psnr"] is None else f"{meta['psnr']:.4f}",
-            "X-MAE-View": params.view,
-        }
-        return Response(r["png"], media_type="image/png", headers=headers)
-    bodies = [r.body() if isinstance(r, APIError) else r for r in results]
-    if len(images) == 1:
+        png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
+        return Response(png, media_type="image/png", headers={**sha, **_headers(r, p.view)})
+    bodies = [x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
+              for x in results]  # fmt: skip
+    if len(call.images) == 1:
         if isinstance(results[0], APIError):
             raise results[0]
-        return JSONResponse(bodies[0], headers={"X-MAE-Weights-SHA256": entry.sha256})
-    return JSONResponse(bodies, headers={"X-MAE-Weights-SHA256": entry.sha256})
+        return JSONResponse(bodies[0], headers=sha)
+    return JSONResponse(bodies, headers=sha)
+
+
+def _headers(r: Reconstructed, view: str) -> dict[str, str]:
+    psnr = r.out.psnr
+    return {
+        "X-MAE-Model": r.model.name,
+        "X-MAE-Seed": "" if r.seed is None else str(r.seed),
+        "X-MAE-Mask-Ratio": f"{r.mask_ratio:.6g}",
+        "X-MAE-Grid": f"{r.out.grid[0]}x{r.out.grid[1]}",
+        "X-MAE-Mask": ",".join(map(str, r.mask_indices)),
+        "X-MAE-MSE": f"{r.out.mse:.6g}",
+        "X-MAE-PSNR": "" if psnr is None else f"{psnr:.4f}",
+        "X-MAE-View": view,
+    }
+
+
+def _json(r: Reconstructed) -> dict[str, Any]:
+    """The JSON answer (ReconstructResult): every view as base64 PNG, the mask, masked-patch MSE and PSNR."""
+    views = render.all_views(r)
+    return {
+        "model": r.model.name,
+        "seed": r.seed,
+        "mask_ratio": r.mask_ratio,
+        "patch_size": r.patch_size,
+        "grid": list(r.out.grid),
+        "mask": r.mask_indices,
+        "mse": r.out.mse,
+        "psnr": r.out.psnr,
+        "images": {k: base64.b64encode(render.encode_png(views[k])).decode("ascii") for k in render.VIEWS},
+    }

@@ -1,0 +1,37 @@
+"""Who may call what: bearer API keys on /v1 (and /metrics when asked)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Request
+
+from app.errors import APIError
+from app.service import get_readiness
+
+
+def require_api_key(request: Request) -> None:
+    """With MAE_API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`."""
+    keys = get_readiness(request).settings.api_key_list
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
+        )
+    # Compare against every key, always, so the time taken does not reveal which key or prefix matched; compare
+    # digests, so it does not reveal a key's length either (compare_digest returns early on unequal lengths).
+    given = hashlib.sha256(token.encode()).digest()
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, hashlib.sha256(k.encode()).digest())
+    if not ok:
+        raise APIError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": "Bearer"})
+
+
+def require_metrics_key(request: Request) -> None:
+    """/metrics is open (scrapers) unless MAE_METRICS_REQUIRE_KEY=true, then it takes the /v1 API keys."""
+    if get_readiness(request).settings.metrics_require_key:
+        require_api_key(request)

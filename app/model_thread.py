@@ -1,0 +1,107 @@
+"""Where every batch runs: the process's one model thread, and what it does with a batch.
+
+Loading, warm-up and every batch run on this thread, and nowhere else runs torch ops big enough to go parallel
+(image conversions are numpy). Why one: PyTorch's OpenMP on Linux (libgomp) gives every thread that starts a
+parallel region its own worker threads, and once the process holds more of those than CPUs, libgomp stops letting
+idle workers spin: they sleep and are woken for each of the thousands of parallel regions of a forward pass, which
+makes every forward pass in any thread but the first to go parallel measurably slower (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
+
+import torch
+
+from app import metrics
+from app.registry import ModelEntry
+from model.masking import Masking
+from model.outputs import Embedding, Reconstruction
+
+log = logging.getLogger("mae.model_thread")
+
+Op = Literal["reconstruct", "embed"]
+Result = Embedding | Reconstruction
+# The seam between the batcher and the model: one batch in, one result per image out. Tests pass a slow one.
+Forward = Callable[[ModelEntry, Op, torch.Tensor, Masking | None], list[Result]]
+T = TypeVar("T")
+
+_executor: ThreadPoolExecutor | None = None
+_ident: int | None = None
+_lock = threading.Lock()
+
+
+class OutOfMemory(RuntimeError):
+    """The model ran out of memory on a single image: nothing smaller to try."""
+
+
+def _mark() -> None:
+    global _ident
+    _ident = threading.get_ident()
+
+
+def executor() -> ThreadPoolExecutor:
+    """The one model thread (created on first use; it lives as long as the process)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="mae-model", initializer=_mark)
+        return _executor
+
+
+def on_model_thread() -> bool:
+    return threading.get_ident() == _ident
+
+
+def run(fn: Callable[..., T], *args: object) -> T:
+    """Run `fn(*args)` on the model thread and wait for it (loading, warm-up, benchmarks)."""
+    if on_model_thread():
+        return fn(*args)
+    return executor().submit(fn, *args).result()
+
+
+def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
+    """A batch of images (N, 3, H, W) in [0, 1] on the CPU -> one result per image, on the CPU in float32.
+
+    One copy to the device and one back per batch; the results are views of the batch's host tensors.
+    """
+    x = images.to(entry.device, entry.dtype, non_blocking=True)
+    with torch.inference_mode():
+        if op == "embed":
+            return list(entry.model.encode(x, masking).host().unbatch())
+        assert masking is not None, "a reconstruction needs a masking"
+        return list(entry.model.reconstruct(x, masking).host().unbatch())
+
+
+def compute(
+    fwd: Forward, entry: ModelEntry, op: Op, images: list[torch.Tensor] | torch.Tensor, masking: Masking | None
+) -> list[Result]:
+    """Run `fwd` on a batch; on out-of-memory, split the batch in halves and retry (down to one image)."""
+    # Stacking copies the whole batch: done here, so the event loop never runs a parallel torch op.
+    batch = torch.stack(images) if isinstance(images, list) else images
+    try:
+        return fwd(entry, op, batch, masking)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        if entry.device.type == "cuda":
+            torch.cuda.empty_cache()
+        n = batch.shape[0]
+        if n == 1:
+            metrics.REJECTS.labels("out_of_memory").inc()
+            raise OutOfMemory("the model ran out of memory on this request") from None
+        log.warning("out of memory on a batch of %d; splitting", n)
+        half = n // 2
+        parts: list[Result] = []
+        for sl in (slice(0, half), slice(half, n)):
+            sub = Masking(masking.noise[sl], masking.len_keep) if masking is not None else None
+            parts.extend(compute(fwd, entry, op, batch[sl], sub))
+        return parts
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()

@@ -1,0 +1,126 @@
+"""The service: everything a request needs, built once at start-up and handed to the routes by a dependency.
+
+`Readiness` exists from the moment the app is created (the probes need it while the models load); `Service` exists
+once the models are loaded and warm. Routes ask for the Service (`get_service`): until then they answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+
+from app import model_thread
+from app.engine import Engine
+from app.errors import APIError
+from app.middleware import InFlight
+from app.model_thread import Forward
+from app.registry import ModelEntry, ModelLoadError, Registry
+from app.settings import Settings
+from model.masking import Masking, len_keep_for_ratio, random_noise
+
+log = logging.getLogger("mae.service")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    registry: Registry
+    engine: Engine
+    io_pool: ThreadPoolExecutor  # decoding and encoding: Pillow and zlib release the GIL
+
+    def model(self, name: str | None) -> ModelEntry:
+        """The model a request names (the default when it names none); 422 for a name not loaded."""
+        if name is not None and name not in self.registry:
+            loaded = ", ".join(self.registry.entries)
+            raise APIError(422, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
+        return self.registry.get(name)
+
+    def retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
+
+
+@dataclass
+class Readiness:
+    """The app's life: loading (service None) -> ready -> draining. `app.state.mae`."""
+
+    settings: Settings
+    inflight: InFlight
+    service: Service | None = None
+    draining: bool = False
+    startup_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.service is not None and not self.draining
+
+
+def get_readiness(request: Request) -> Readiness:
+    return request.app.state.mae
+
+
+def get_service(request: Request) -> Service:
+    """For routes that need the model: 503 until the models are loaded and warm, and while draining."""
+    r = get_readiness(request)
+    if r.service is None or r.draining:
+        raise APIError(
+            503,
+            "not_ready",
+            "the model is still loading or the server is shutting down",
+            {"Retry-After": str(r.settings.retry_after_s)},
+        )
+    return r.service
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecutor) -> Service:
+    """Load every model (on the model thread, like every batch), check the sha256 pins, warm up, start the engine."""
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    registry = await loop.run_in_executor(model_thread.executor(), Registry.from_settings, settings)
+    check_pins(registry, settings.weight_pins())
+    engine = Engine(
+        forward,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        cpu_max_batch_size=settings.cpu_max_batch_size,
+    )
+    if settings.warmup:
+        await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
+    engine.start()
+    log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
+    return Service(settings, registry, engine, io_pool)
+
+
+def warm_up(forward: Forward, registry: Registry, max_batch: int) -> None:
+    """Run every shape the server will run first: batch 1 and a small batch, embed and reconstruct."""
+    for entry in registry.entries.values():
+        c = entry.config
+        n = c.num_patches
+        for b in sorted({1, min(max_batch, 4)}):
+            images = torch.rand(b, c.in_chans, c.img_size, c.img_size)
+            model_thread.compute(forward, entry, "embed", images, None)
+            if c.has_decoder:
+                masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))
+                model_thread.compute(forward, entry, "reconstruct", images, masking)
+
+
+def check_pins(registry: Registry, pins: dict[str | None, str]) -> None:
+    """MAE_WEIGHTS_SHA256: a weights file whose sha256 differs from its pin (tampered, truncated, swapped) stops
+    the start. The sha256 is the one the registry computed over the file it loaded."""
+    if None in pins and len(registry.entries) > 1:
+        raise ModelLoadError("MAE_WEIGHTS_SHA256 has an unnamed pin but several models are loaded: name=sha256,...")
+    for name in pins.keys() - set(registry.entries) - {None}:
+        raise ModelLoadError(f"MAE_WEIGHTS_SHA256 pins model {name!r}, which MAE_WEIGHTS does not load")
+    for name, entry in registry.entries.items():
+        want = pins.get(name) or pins.get(None)
+        if want and entry.sha256 != want:
+            raise ModelLoadError(
+                f"model {name!r}: {entry.path} has sha256 {entry.sha256}, but MAE_WEIGHTS_SHA256 expects {want}"
+            )

@@ -1,0 +1,161 @@
+"""What every model family (the paper's MAE in model/mae.py, vit-pytorch's in model/vit_pytorch_mae.py) shares.
+
+- `MaskedAutoencoder` and `ModelConfig`: the contract the service relies on, as Protocols.
+- `PatchGrid` (for configs) and `PatchModel` (for models): the patch plumbing written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar, Generic, Protocol, TypeVar
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from model.masking import Masking
+from model.outputs import EncodeOutput, ReconstructOutput
+
+
+class DecoderMissingError(RuntimeError):
+    """Raised when an encoder-only model is asked to reconstruct."""
+
+
+class ModelConfig(Protocol):
+    """The shape of a model, as the service reads it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def img_size(self) -> int: ...
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def in_chans(self) -> int: ...
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def has_decoder(self) -> bool: ...
+    @property
+    def decoder_embed_dim(self) -> int | None: ...
+    @property
+    def decoder_depth(self) -> int | None: ...
+    @property
+    def norm_pix_loss(self) -> bool: ...
+    @property
+    def grid_size(self) -> tuple[int, int]: ...
+    @property
+    def num_patches(self) -> int: ...
+    @property
+    def patch_dim(self) -> int: ...
+
+
+class MaskedAutoencoder(Protocol):
+    """A model the service can serve: images in [0, 1] in, typed outputs back."""
+
+    family: ClassVar[str]
+
+    @property
+    def config(self) -> ModelConfig: ...
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeOutput: ...
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput: ...
+    def normalize(self, images: torch.Tensor) -> torch.Tensor: ...
+    def num_parameters(self) -> int: ...
+    def modules(self) -> Iterator[nn.Module]: ...
+    def eval(self) -> nn.Module: ...
+
+
+class PatchGrid:
+    """For a config with img_size, patch_size and in_chans: the patch grid it implies."""
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        n = self.img_size // self.patch_size
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+
+C = TypeVar("C", bound=ModelConfig)
+
+
+class PatchModel(nn.Module, Generic[C]):
+    """Patches, pixel spaces and the decoder check, for both families. Subclasses set `config` and call
+    `register_pixel_stats` in their __init__."""
+
+    family: ClassVar[str]
+    config: C
+    no_decoder_message: ClassVar[str] = "this checkpoint has no pixel decoder: it can embed but not reconstruct"
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    def register_pixel_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """How input pixels in [0, 1] were normalised in training (not in the state dict)."""
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened row by row, channels last (the official order)."""
+        p = self.patch_size
+        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W). A square grid is assumed when none is given."""
+        p = self.patch_size
+        if grid is None:
+            side = int(round(x.shape[1] ** 0.5))
+            grid = (side, side)
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the model's input space."""
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.pixel_std.to(x.dtype) + self.pixel_mean.to(x.dtype)
+
+    def viewer_output(
+        self, images: torch.Tensor, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
+    ) -> ReconstructOutput:
+        """The viewer's images from predicted `patches` in the model's input space. `images` are the originals in
+        [0, 1]; `pred` is the decoder's raw output, kept as it is."""
+        recon = self.denormalize(self.unpatchify(patches, grid)).float().clamp(0, 1)
+        original = images.float()
+        mask_img = self.unpatchify(mask[..., None].expand(-1, -1, patches.shape[-1]).float(), grid)
+        paste = original * (1 - mask_img) + recon * mask_img
+        patch_error = ((self.patchify(recon) - self.patchify(original)) ** 2).mean(dim=-1) * mask.float()
+        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
+        return ReconstructOutput(
+            pred=pred,
+            mask=mask,
+            reconstruction=recon,
+            paste=paste,
+            masked=original * (1 - mask_img),
+            patch_error=patch_error,
+            mse=mse,
+            grid=grid,
+        )
+
+    def require_decoder(self) -> None:
+        if not self.config.has_decoder:
+            raise DecoderMissingError(self.no_decoder_message)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
