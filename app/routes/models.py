@@ -1,4 +1,4 @@
-"""GET /v1/models: what is loaded, where from, on which device."""
+"""GET /v1/models: what is loaded, where from, on which device; the batch cap and request limits."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_
     responses={code: {"model": ErrorBody} for code in (401, 503)},
 )
 async def list_models(state: Annotated[AppState, Depends(ready_state)]) -> ModelList:
-    assert state.registry is not None
-    return ModelList.model_validate(
-        {"default": state.registry.default, "models": [e.describe() for e in state.registry.entries.values()]}
-    )
+    assert state.registry is not None and state.engine is not None
+    s = state.settings
+    models = [{**e.describe(), "max_batch_size": state.engine.cap(e)} for e in state.registry.entries.values()]
+    limits = {"max_images_per_request": s.max_images_per_request, "max_queue": s.max_queue,
+              "max_body_bytes": s.max_body_bytes}  # fmt: skip
+    return ModelList.model_validate({"default": state.registry.default, "models": models, "limits": limits})
