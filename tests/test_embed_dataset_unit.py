@@ -61,7 +61,11 @@ class FakeServer:
         self.embedded: list[bytes] = []
         self.requests: list[int] = []  # images per embed request
 
+    api_key: str | None = None
+
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return httpx.Response(401, json=error(401, "unauthorized"))
         if request.url.path == "/v1/models":
             model = {"name": "fake", "architecture": "fake", "weights_sha256": "ab" * 32, "embed_dim": 4,
                      "image_size": 32, "patch_size": 8, "grid": [4, 4], "family": "mae", "device": "cpu",
@@ -302,13 +306,15 @@ def test_store_cuts_what_lies_past_the_last_complete_index_line(tmp_path):
     assert np.load(shard_file(out, "cls", 1)).shape == (3, 3)  # a plain .npy
 
 
-def test_store_refuses_damage_and_foreign_folders(tmp_path):
+def test_store_refuses_damage_foreign_folders_and_a_second_writer(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty"):
         Store.open(tmp_path / "other", IDENTITY, {})
     out = tmp_path / "out"
     st = Store.open(out, IDENTITY, {})
+    with pytest.raises(StoreError, match="another run is writing"):
+        Store.open(out, IDENTITY, {})
     for i in range(5):
         st.add_ok(f"p{i}", "s", {"cls": np.zeros(3, np.float32)})
     st.close()
@@ -391,3 +397,16 @@ def test_index_paths_with_commas_quotes_and_newlines_and_a_torn_quoted_record(tm
     st.close()
     assert load_index(out)["path"] == odd
     assert (out / INDEX).read_text().endswith("ok,\n")
+
+
+def test_the_api_key_goes_with_every_request(tmp_path):
+    src = tmp_path / "src"
+    write_folder(src, 6)
+    server = FakeServer()
+    server.api_key = "k3y"
+    opts = Options(src=str(src), out=str(tmp_path / "out"), url="http://fake", progress=False)
+    with pytest.raises(Fatal, match="401 unauthorized"):
+        asyncio.run(run(opts, transport=httpx.MockTransport(server)))
+    opts.api_key = "k3y"
+    s = asyncio.run(run(opts, transport=httpx.MockTransport(server)))
+    assert (s.status, s.embedded) == ("complete", 6)

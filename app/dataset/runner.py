@@ -5,7 +5,8 @@
 
 At most `window` chunks (2 x concurrency) are held at once, read or in flight or answered and waiting for an older
 one: memory stays bounded whatever the dataset's size (the index's paths and hashes aside, ~100 bytes an image).
-Writing in source order is what makes a resumed run end identical to an uninterrupted one.
+Writing in source order is what makes a resumed run end as an uninterrupted one: the same index byte for byte,
+the same embeddings (to float rounding: the server may batch an image with other companions).
 
 Stopping: `stop` (the first Ctrl-C) ends the reading; requests in flight finish and are written, then the run ends
 "interrupted". Cancelling the task (a second Ctrl-C) drops them; the output is consistent either way.

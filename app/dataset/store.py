@@ -8,7 +8,8 @@ Crash-safe by ordering alone: an answer's rows are appended to the shard files a
 updated, and only then its index lines written and flushed. So every index line points at rows on disk, whenever
 the process dies. What lies past the last complete index line (rows of a killed run, a torn last line) is cut
 off when the folder is opened again. The ok rows of the index and the rows of the shards are in the same order,
-the source's; a resumed run appends where the last one stopped and ends identical to an uninterrupted one.
+the source's; a resumed run appends where the last one stopped and ends with the index an uninterrupted one
+writes. One run at a time writes a folder (an flock on DIR/.lock).
 
 Why CSV and not Parquet: the index must be appended to line by line while the run goes, and a Parquet file is
 only readable once its footer is written (a killed writer leaves nothing readable). A Parquet index would need
@@ -19,6 +20,7 @@ has the numbers.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -32,6 +34,7 @@ import numpy as np
 
 INDEX = "index.csv"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held (flock) by the run writing the folder
 COLUMNS = ("path", "sha256", "shard", "row", "status", "error")
 FORMAT = "mae-serve/embed-dataset/1"
 _SHARD_NAME = re.compile(r"(?P<key>[a-z_]+)-(?P<shard>\d{5,})\.npy")
@@ -180,8 +183,8 @@ def select(index: dict[str, Any], which: np.ndarray) -> dict[str, Any]:
 class Store:
     """An output folder opened for writing: `add` results in source order, `commit` makes them durable."""
 
-    def __init__(self, out: Path, manifest: dict[str, Any], index: dict[str, Any]) -> None:
-        self.out, self.manifest = out, manifest
+    def __init__(self, out: Path, manifest: dict[str, Any], index: dict[str, Any], lock: Any = None) -> None:
+        self.out, self.manifest, self._lock = out, manifest, lock
         self.shard_size: int = manifest["parameters"]["shard_size"]
         self.specs = {k: ArraySpec(v["dtype"], tuple(v["row_shape"])) for k, v in manifest.get("arrays", {}).items()}
         self.n_ok = int((index["shard"] >= 0).sum())
@@ -202,6 +205,20 @@ class Store:
         """Create `out`, or resume the run in it. `identity` (model, weights sha256, parameters) must equal the
         existing run's: a resumed run may not mix embeddings of two settings. `extra` is written as given."""
         out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StoreError(f"another run is writing to {out}: wait for it, or choose another --out") from None
+        try:
+            return cls._open_locked(out, identity, extra, lock)
+        except BaseException:
+            lock.close()
+            raise
+
+    @classmethod
+    def _open_locked(cls, out: Path, identity: dict[str, Any], extra: dict[str, Any], lock: Any) -> Store:
         path = out / MANIFEST
         if path.exists():
             manifest = json.loads(path.read_text())
@@ -213,12 +230,12 @@ class Store:
                         f"{out} holds a run with {key} {json.dumps(manifest.get(key))}, not {json.dumps(want)}: "
                         "resume with the same settings, or choose another --out"
                     )
-        elif any(out.iterdir()):
+        elif any(f.name != LOCK for f in out.iterdir()):
             raise StoreError(f"{out} is not empty and has no {MANIFEST}: choose an empty or new folder")
         else:
             manifest = {"format": FORMAT, **identity, "arrays": {}, "runs": []}
         manifest.update(extra)
-        store = cls(out, manifest, read_index(out, repair=True))
+        store = cls(out, manifest, read_index(out, repair=True), lock)
         store.write_manifest()
         return store
 
@@ -297,6 +314,8 @@ class Store:
         os.fsync(self._index.fileno())
         self._index.close()
         self.write_manifest()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
 
 
 # ---------------------------------------------------------------------------------------------- loading
