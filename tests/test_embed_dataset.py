@@ -1,7 +1,8 @@
 """`mae-client embed-dataset` against a real mae-serve: a generated folder with corrupt and unsupported files, a list
-and a tar; the embeddings equal /v1/embed one by one; a run killed (SIGINT, SIGKILL; real subprocesses of the CLI
-and the server) and resumed ends identical to an uninterrupted one, without computing an image twice (the server's
-mae_images_total); an overloaded server (tiny MAE_MAX_QUEUE) is got through by retries.
+and a tar; the embeddings equal /v1/embed one by one; a run killed (SIGINT, SIGKILL; a real subprocess of the CLI)
+and resumed ends as an uninterrupted one (the same index, embeddings to float rounding), without computing an image
+twice (the server's mae_images_total); an overloaded server (tiny MAE_MAX_QUEUE) is got through by retries. The
+servers run in this process (tests.serving.live_server), slowed where a test needs time to act.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from app.dataset import embed_dataset
 from app.engine import Engine
 from app.settings import Settings
 from tests.serving import image_bytes, live_server, make_weights
-from tests.test_lifecycle import SITECUSTOMIZE, start, wait_ready
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,13 +242,19 @@ def kill_midway(url: str, src: Path, out: Path, sig: int, at_rows: int) -> tuple
 N_KILL, AT_ROWS = 80, 30
 
 
-def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, weights):
-    good, _ = make_dataset(tmp_path / "src", N_KILL, bad=False)
+def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, weights, monkeypatch):
+    make_dataset(tmp_path / "src", N_KILL, bad=False)
     (tmp_path / "src" / "part2" / "anim.gif").write_bytes(image_bytes(8, 8, fmt="GIF"))  # an error row, sent alone
-    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    server, url = start(tmp_path, MAE_WEIGHTS=str(weights), MAE_MAX_BATCH_SIZE="2", MAE_TEST_FORWARD_SLEEP_S="0.02")
-    try:
-        wait_ready(server, url)
+    real = Engine._forward
+
+    def slow(entry, op, images, masking):  # a run of ~1 s or more: the signal lands midway
+        time.sleep(0.02)
+        return real(entry, op, images, masking)
+
+    monkeypatch.setattr(Engine, "_forward", staticmethod(slow))
+    # The server in this process (a thread); the CLI a real subprocess, signalled and killed.
+    settings = Settings(weights=str(weights), warmup=False, log_level="warning", max_batch_size=2)
+    with live_server(settings) as (url, _):
         src = tmp_path / "src"
         # batch cap 2: 2 images a request, 2 requests in flight, up to 2 x 2 chunks held: 8 images
         held = 8
@@ -292,6 +298,3 @@ def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, weight
         assert_same_output(out, ref)
         print(f"\nembed-dataset: uninterrupted run of {N_KILL + 1} images {uninterrupted_s:.1f} s; killed at "
               f"{n_ok} rows, {at_kill - n_ok:.0f} computed images lost to SIGKILL (bound {held})")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(30)
