@@ -167,7 +167,7 @@ def test_list_and_tar_sources_float16_masked_equal_one_by_one(server, tmp_path):
     assert len(errors) == 1 and errors[0][0] == "src/missing.png" and errors[0][1].startswith("unreadable")
 
 
-def test_overloaded_server_completes_through_retries(weights, tmp_path, monkeypatch):
+def test_overloaded_server_completes_through_retries(server, weights, tmp_path, monkeypatch):
     real = Engine._forward
 
     def slow(entry, op, images, masking):
@@ -190,7 +190,7 @@ def test_overloaded_server_completes_through_retries(weights, tmp_path, monkeypa
         assert refused > 0 and r.retries == refused and r.refused == {"503": refused}, (refused, r)
         assert took >= 1.0  # at least one retry waited for Retry-After: 1
         assert images_total(url) - before == 24  # a refused image is never computed: none twice
-        ref = one_by_one(url, good, pool="cls")
+    ref = one_by_one(server, good, pool="cls")  # the same weights on a server with room
     cls, ok = load_embeddings(tmp_path / "out")
     for i, path in enumerate(ok["path"]):
         np.testing.assert_allclose(cls[i], ref[path]["cls"], rtol=1e-5, atol=1e-6)
