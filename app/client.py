@@ -2,20 +2,24 @@
 
 mae-client reconstruct photo.jpg -o out.png --mask-ratio 0.6 --seed 3
 mae-client embed photo.jpg -o emb.npy --pool cls
+mae-client embed-dataset photos/ --out emb/ --pool cls   # a folder, a list of paths or a .tar; resumable
 mae-client models
 
 from app.client import MAEClient
 with MAEClient("http://127.0.0.1:8000") as c:
     png = c.reconstruct("photo.jpg", mask_ratio=0.6, seed=3)
     emb = c.embed("photo.jpg")  # dict with cls / mean / patches as numpy arrays
+emb, rows = load_embeddings("emb/")  # an embed-dataset output: memory-mapped rows, rows[i] describes emb[i]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from app.dataset import load_embeddings, load_index
+from app.dataset.runner import DEFAULT_SHARD_SIZE, DTYPES, POOLS, RESIZES, Options, Summary, run
+from app.dataset.send import Fatal
+from app.dataset.store import StoreError
+
+__all__ = ["MAEClient", "MAEError", "load_embeddings", "load_index", "main"]
 _TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -141,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     emb.add_argument("--dtype", default="float32")
     emb.add_argument("--model")
     sub.add_parser("models", help="print the loaded models")
+    _add_embed_dataset(sub)
     a = ap.parse_args(argv)
+    if a.cmd == "embed-dataset":
+        raise SystemExit(_embed_dataset(a))
     try:
         with MAEClient(a.url, a.api_key) as c:
             if a.cmd == "models":
@@ -170,6 +183,71 @@ def main(argv: list[str] | None = None) -> None:
     except httpx.HTTPError as e:
         print(f"mae-client: cannot reach {a.url}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# ---------------------------------------------------------------------------------------------- embed-dataset
+def _add_embed_dataset(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser(
+        "embed-dataset",
+        help="embed every image of a folder, a list of paths or a .tar into .npy shards + index.csv (resumable)",
+        description="Embed a dataset through the server. Run the same command again to resume: images the index "
+        "already holds (same path, same sha256) are skipped. Ctrl-C stops after the requests in flight.",
+    )
+    ds.add_argument("src", help="a folder (recursive), a text file of paths (one a line) or a .tar of images")
+    ds.add_argument("--out", required=True, help="output folder (created; the same one to resume)")
+    ds.add_argument("--pool", default="cls", choices=POOLS, help="which embeddings to keep (default: cls)")
+    ds.add_argument("--dtype", default="float32", choices=DTYPES)
+    ds.add_argument("--mask-ratio", type=float, default=0.0, help="fraction of patches hidden (default 0: none)")
+    ds.add_argument("--seed", type=int, help="the mask's seed when --mask-ratio > 0 (default 0; one mask for all)")
+    ds.add_argument("--model", help="model name, when the server has several (default: its default)")
+    ds.add_argument("--resize", default="squash", choices=RESIZES)
+    ds.add_argument("--concurrency", type=int, help="requests in flight (default: from the server's batch cap)")
+    ds.add_argument("--batch", type=int, help="images per request (default: the server's batch cap)")
+    ds.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per .npy shard")
+    ds.add_argument("--max-retries", type=int, default=10, help="retries of a request on 503/504/connection errors")
+    ds.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _embed_dataset(a: argparse.Namespace) -> int:
+    """0 complete (per-image errors are in the index), 130 interrupted, 1 failed; both resumable."""
+    opts = Options(
+        src=a.src, out=a.out, url=a.url, api_key=a.api_key, pool=a.pool, dtype=a.dtype, mask_ratio=a.mask_ratio,
+        seed=a.seed, model=a.model, resize=a.resize, concurrency=a.concurrency, batch=a.batch,
+        shard_size=a.shard_size, max_retries=a.max_retries, timeout_s=a.timeout, progress=not a.no_progress,
+    )  # fmt: skip
+
+    async def main() -> Summary:
+        stop, task = asyncio.Event(), asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            if not stop.is_set():  # first Ctrl-C: read no further, finish and write what is in flight
+                stop.set()
+                print("\nmae-client: stopping after the requests in flight (Ctrl-C again: at once)", file=sys.stderr)
+            else:
+                task.cancel()  # second: drop them; the output stays consistent all the same
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        return await run(opts, stop)
+
+    try:
+        s = asyncio.run(main())
+    except (Fatal, StoreError, ValueError, OSError) as e:
+        print(f"mae-client: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):  # before the run began: nothing was written
+        print("mae-client: interrupted", file=sys.stderr)
+        return 130
+    line = (f"{s.status}: {s.embedded} embedded, {s.errors} errors, {s.skipped} already there, in {s.seconds:.1f} s "
+            f"({s.images_per_s:.1f} img/s; {s.retries} retries) -> {a.out}")  # fmt: skip
+    print(f"mae-client: {line}", file=sys.stderr)
+    if s.status == "failed":
+        print(f"mae-client: {s.message}\nmae-client: run the same command again to resume", file=sys.stderr)
+        return 1
+    return 130 if s.status == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -66,8 +66,18 @@ class ModelInfo(BaseModel):
     random_init: bool
     device: str
     dtype: str
+    max_batch_size: int | None = Field(None, description="the largest batch the engine forms for this model")
+
+
+class ServerLimits(BaseModel):
+    """What a client needs to keep the batches full without tripping a limit (e.g. `mae-client embed-dataset`)."""
+
+    max_images_per_request: int
+    max_queue: int = Field(description="images waiting for the model; beyond this: 503 Retry-After")
+    max_body_bytes: int
 
 
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+    limits: ServerLimits | None = None

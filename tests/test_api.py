@@ -180,6 +180,8 @@ def test_models_and_health(client, weights):
     assert m["default"] == "tiny" and info["patch_size"] == 8 and info["image_size"] == 32
     assert info["has_decoder"] and not info["norm_pix_loss"] and info["device"] == "cpu"
     assert info["dtype"] == "float32" and info["parameters"] > 0
+    assert info["max_batch_size"] == 4  # a CPU model: MAE_CPU_MAX_BATCH_SIZE caps MAE_MAX_BATCH_SIZE (32)
+    assert m["limits"] == {"max_images_per_request": 16, "max_queue": 256, "max_body_bytes": 20 * 1024 * 1024}
     import hashlib
 
     assert info["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

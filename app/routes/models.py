@@ -1,4 +1,4 @@
-"""GET /v1/models: what is loaded, where from, on which device."""
+"""GET /v1/models: what is loaded, where from, on which device; the batch cap and request limits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from app.auth import require_api_key
-from app.schemas import ErrorBody, ModelList
+from app.schemas import ErrorBody, ModelList, ServerLimits
 from app.service import Service, get_service
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -20,5 +20,11 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_
     responses={code: {"model": ErrorBody} for code in (401, 503)},
 )
 async def list_models(service: Annotated[Service, Depends(get_service)]) -> ModelList:
-    registry = service.registry
-    return ModelList(default=registry.default, models=[e.describe() for e in registry.entries.values()])
+    registry, s = service.registry, service.settings
+    models = [
+        e.describe().model_copy(update={"max_batch_size": service.engine.cap(e)}) for e in registry.entries.values()
+    ]
+    limits = ServerLimits(
+        max_images_per_request=s.max_images_per_request, max_queue=s.max_queue, max_body_bytes=s.max_body_bytes
+    )
+    return ModelList(default=registry.default, models=models, limits=limits)
