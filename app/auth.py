@@ -11,8 +11,9 @@ from app.errors import APIError
 from app.service import get_readiness
 
 
-def require_api_key(request: Request) -> None:
-    """With MAE_API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`."""
+async def require_api_key(request: Request) -> None:
+    """With MAE_API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`. (async: FastAPI would run a plain
+    function dependency in a worker thread, a hop per request for microseconds of work.)"""
     keys = get_readiness(request).settings.api_key_list
     if not keys:
         return
@@ -31,7 +32,7 @@ def require_api_key(request: Request) -> None:
         raise APIError(401, "unauthorized", "wrong API key", {"WWW-Authenticate": "Bearer"})
 
 
-def require_metrics_key(request: Request) -> None:
+async def require_metrics_key(request: Request) -> None:
     """/metrics is open (scrapers) unless MAE_METRICS_REQUIRE_KEY=true, then it takes the /v1 API keys."""
     if get_readiness(request).settings.metrics_require_key:
-        require_api_key(request)
+        await require_api_key(request)

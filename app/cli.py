@@ -13,8 +13,6 @@ import os
 import signal
 import sys
 
-import uvicorn
-
 from app import model_thread
 from app import server as http_server
 from app.main import create_app
@@ -23,7 +21,6 @@ from app.service import Readiness
 from app.settings import Settings
 
 log = logging.getLogger("mae.serve")
-DRAIN_MARGIN_S = 1.0  # past the drain budget, the time uvicorn gets to send the 503s and close, before it cancels
 
 
 def main(argv: list[str] | None = None, forward: Forward = model_thread.forward) -> None:
@@ -63,19 +60,7 @@ def main(argv: list[str] | None = None, forward: Forward = model_thread.forward)
 
     app = create_app(settings, forward=forward, on_load_failure=stop)
     state: Readiness = app.state.mae
-    limits = http_server.ConnectionLimits(max_connections, settings.header_timeout_s)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        http=http_server.protocol_for(limits),
-        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
-        # A backstop: requests left at the drain deadline are answered 503 by the app (middleware.InFlight) first.
-        timeout_graceful_shutdown=settings.shutdown_timeout_s + DRAIN_MARGIN_S,  # type: ignore[arg-type]
-        server_header=False,
-    )
-
+    config = http_server.uvicorn_config(app, settings, max_connections)
     server = http_server.Server(config, state, drain_s=settings.shutdown_timeout_s)
     # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that was there before
     # it started; with Python's defaults the process would then die by SIGTERM (143) or a KeyboardInterrupt

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from app import metrics, model_thread
 from app.model_thread import Forward, Op, OutOfMemory, Result
@@ -57,7 +57,7 @@ def _cancel_reason(future: asyncio.Future[Result]) -> str:
 class WorkItem:
     entry: ModelEntry
     op: Op
-    image: torch.Tensor  # (3, H, W) float32 in [0, 1], on the CPU
+    image: np.ndarray  # (H, W, 3) uint8: the preprocessed image (app.imaging.preprocess)
     masking: Masking | None  # one row; None = every patch (embeddings)
     future: asyncio.Future[Result]
     deadline: float | None = None  # time.monotonic() after which the answer is no longer wanted
@@ -103,7 +103,7 @@ class Engine:
         self,
         entry: ModelEntry,
         op: Op,
-        image: torch.Tensor,
+        image: np.ndarray,
         masking: Masking | None,
         deadline: float | None = None,
     ) -> Result:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 ResizeMode = Literal["squash", "crop", "pad"]
@@ -177,8 +176,9 @@ def _by_strips(im: Image.Image, convert: Callable[[Image.Image], np.ndarray]) ->
     return out
 
 
-def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> torch.Tensor:
-    """RGB image -> (3, size, size) float32 in [0, 1]. One bicubic resample, whatever the mode:
+def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> np.ndarray:
+    """RGB image -> (size, size, 3) uint8: the model's input before it becomes float (app.model_thread.to_input).
+    One bicubic resample, whatever the mode:
 
     squash: the whole image to size x size, ignoring the aspect ratio (what the official demo does);
     crop:   the centre square (side = the short side) to size x size;
@@ -202,7 +202,5 @@ def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> torch
         out.paste(r, ((size - nw) // 2, (size - nh) // 2))
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
-    # numpy, not torch: a torch op this size would start an OpenMP team in this I/O thread (see app.engine.model_thread)
-    a = np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32)
-    a /= 255.0
-    return torch.from_numpy(a)
+    # numpy, not torch: a torch op would start an OpenMP team in this I/O thread (see app.model_thread)
+    return np.asarray(out, dtype=np.uint8)

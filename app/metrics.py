@@ -22,6 +22,6 @@ QUEUE_DEPTH = Gauge("mae_queue_depth", "images waiting for the model")
 OPEN_CONNECTIONS = Gauge("mae_open_connections", "open HTTP connections")
 CONNECTIONS_DROPPED = Counter(
     "mae_connections_dropped_total",
-    "connections closed by the server: header_timeout | evicted (idle, to make room) | over_limit",
+    "connections closed by the server: header_timeout | header_too_large | evicted (idle, to make room) | over_limit",
     ["reason"],
 )

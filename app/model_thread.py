@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 
 from app import metrics
@@ -26,7 +27,8 @@ log = logging.getLogger("mae.model_thread")
 
 Op = Literal["reconstruct", "embed"]
 Result = Embedding | Reconstruction
-# The seam between the batcher and the model: one batch in, one result per image out. Tests pass a slow one.
+# The seam between the batcher and the model: one batch of uint8 images (N, H, W, 3) on the CPU in, one result per
+# image out. Tests pass a slow one.
 Forward = Callable[[ModelEntry, Op, torch.Tensor, Masking | None], list[Result]]
 T = TypeVar("T")
 
@@ -64,25 +66,34 @@ def run(fn: Callable[..., T], *args: object) -> T:
     return executor().submit(fn, *args).result()
 
 
-def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
-    """A batch of images (N, 3, H, W) in [0, 1] on the CPU -> one result per image, on the CPU in float32.
+def to_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on the CPU -> (N, 3, H, W) in [0, 1] on `device` in `dtype`: the bytes cross to the
+    device (pinned, on CUDA), and become floats there, as x / 255 in float32 (the reference preprocessing)."""
+    if device.type == "cuda":
+        images = images.pin_memory()
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    return x.to(dtype).contiguous()
 
-    One copy to the device and one back per batch; the results are views of the batch's host tensors.
-    """
-    x = images.to(entry.device, entry.dtype, non_blocking=True)
+
+def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
+    """A batch of uint8 images (N, H, W, 3) on the CPU -> one result per image, on the CPU.
+
+    One copy to the device and one back per tensor of what the answers need (model.outputs: unbatch)."""
+    x = to_input(images, entry.device, entry.dtype)
     with torch.inference_mode():
         if op == "embed":
-            return list(entry.model.encode(x, masking).host().unbatch())
+            return list(entry.model.encode(x, masking).unbatch())
         assert masking is not None, "a reconstruction needs a masking"
-        return list(entry.model.reconstruct(x, masking).host().unbatch())
+        return list(entry.model.reconstruct(x, masking).unbatch())
 
 
 def compute(
-    fwd: Forward, entry: ModelEntry, op: Op, images: list[torch.Tensor] | torch.Tensor, masking: Masking | None
+    fwd: Forward, entry: ModelEntry, op: Op, images: list[np.ndarray] | torch.Tensor, masking: Masking | None
 ) -> list[Result]:
-    """Run `fwd` on a batch; on out-of-memory, split the batch in halves and retry (down to one image)."""
-    # Stacking copies the whole batch: done here, so the event loop never runs a parallel torch op.
-    batch = torch.stack(images) if isinstance(images, list) else images
+    """Run `fwd` on a batch of uint8 images (H, W, 3 each); on out-of-memory, split the batch in halves and retry
+    (down to one image)."""
+    # Stacking copies the batch (uint8, small): done here, off the event loop.
+    batch = torch.from_numpy(np.stack(images)) if isinstance(images, list) else images
     try:
         return fwd(entry, op, batch, masking)
     except Exception as e:

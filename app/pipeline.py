@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import torch
+import numpy as np
 
 from app import imaging
 from app.errors import APIError, api_error
@@ -20,6 +20,7 @@ from app.imaging import ResizeMode
 from app.model_thread import Op, Result
 from app.registry import ModelEntry
 from app.service import Service
+from model.family import ModelConfig
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
 from model.outputs import Embedding, Reconstruction
 
@@ -54,18 +55,18 @@ class MaskSpec:
 @dataclass(frozen=True)
 class Reconstructed:
     model: ModelEntry
-    image: torch.Tensor  # (3, H, W) the model's input in [0, 1]: the "original" view
+    image: np.ndarray  # (H, W, 3) uint8: the model's input, the "original" view
     out: Reconstruction
     seed: int | None  # None for an explicit mask
 
     @property
     def mask_indices(self) -> list[int]:
-        return torch.nonzero(self.out.mask, as_tuple=True)[0].tolist()
+        return np.flatnonzero(self.out.mask).tolist()
 
     @property
     def mask_ratio(self) -> float:
         """The fraction of patches actually masked."""
-        return float(self.out.mask.sum()) / self.model.config.num_patches
+        return int(self.out.mask.sum()) / self.model.config.num_patches
 
     @property
     def patch_size(self) -> int:
@@ -110,14 +111,13 @@ async def _run(
     mask: MaskSpec,
     resize: ResizeMode,
     deadline: float | None,
-) -> tuple[torch.Tensor, Result]:
+) -> tuple[np.ndarray, Result]:
     s, c = service.settings, entry.config
     try:
         with service.engine.coming():  # while this decodes, a partial batch may wait for it (app.engine)
-            image = await asyncio.get_running_loop().run_in_executor(
-                service.io_pool, _decode, data, c.img_size, resize, s.max_image_pixels, s.max_jpeg_scans
+            image, masking = await asyncio.get_running_loop().run_in_executor(
+                service.io_pool, _prepare, data, c, mask, op, resize, s.max_image_pixels, s.max_jpeg_scans
             )
-            masking = mask.masking(c.num_patches, encoder_only=op == "embed")
         return image, await service.engine.submit(entry, op, image, masking, deadline)
     except asyncio.CancelledError:
         raise
@@ -125,10 +125,13 @@ async def _run(
         raise api_error(e, s.retry_after_s) from None
 
 
-def _decode(data: bytes, size: int, resize: ResizeMode, max_pixels: int, max_scans: int) -> torch.Tensor:
+def _prepare(
+    data: bytes, c: ModelConfig, mask: MaskSpec, op: Op, resize: ResizeMode, max_pixels: int, max_scans: int
+) -> tuple[np.ndarray, Masking | None]:
+    """In the I/O pool: the image decoded and resized to the model's input, and its masking (off the event loop)."""
     # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
-    im = imaging.decode(data, max_pixels, min_side=size, max_jpeg_scans=max_scans)
-    return imaging.preprocess(im, size, resize)
+    im = imaging.decode(data, max_pixels, min_side=c.img_size, max_jpeg_scans=max_scans)
+    return imaging.preprocess(im, c.img_size, resize), mask.masking(c.num_patches, encoder_only=op == "embed")
 
 
 async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | APIError]:

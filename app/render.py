@@ -12,7 +12,6 @@ import zlib
 from typing import Literal, get_args
 
 import numpy as np
-import torch
 
 from app.pipeline import Reconstructed
 
@@ -22,33 +21,46 @@ PANELS: tuple[View, ...] = ("original", "masked", "reconstruction", "paste")
 
 
 def view(r: Reconstructed, name: View) -> np.ndarray:
-    """One view; only what it needs is computed (a PNG answer has one view)."""
+    """One view; only what it needs is drawn (a PNG answer has one view). uint8 throughout: the model's pixels came
+    quantised (model.outputs.to_uint8) and the input is the preprocessed uint8 image, so every view is exact."""
     if name == "original":
-        return to_uint8(r.image)
-    if name == "masked":
-        return to_uint8(r.out.masked)
-    if name == "reconstruction":
-        return to_uint8(r.out.reconstruction)
-    if name == "paste":
-        return to_uint8(r.out.paste)
+        return r.image
     if name == "error":
         return error_heatmap(r.out.patch_error, r.out.grid, r.patch_size)
     if name == "grid":
         return grid_view([view(r, k) for k in PANELS])
-    raise ValueError(f"unknown view {name!r}")
+    p, (gh, gw) = r.patch_size, r.out.grid
+    pixels = r.out.pixels
+    if name == "reconstruction":
+        return unpatchify(pixels, p, gh, gw)
+    masked = r.out.mask
+    patches = patchify(r.image, p)
+    if name == "paste":
+        patches[masked] = pixels[masked]
+    elif name == "masked":
+        patches[masked] = 0
+    else:
+        raise ValueError(f"unknown view {name!r}")
+    return unpatchify(patches, p, gh, gw)
 
 
 def all_views(r: Reconstructed) -> dict[View, np.ndarray]:
-    views = {k: view(r, k) for k in (*PANELS, "error")}
+    views: dict[View, np.ndarray] = {k: view(r, k) for k in PANELS}
+    views["error"] = view(r, "error")
     views["grid"] = grid_view([views[k] for k in PANELS])
     return views
 
 
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8. numpy, not torch: a torch op this size would start an OpenMP
-    team in this I/O thread (see app.model_thread)."""
-    a = np.clip(img.detach().float().cpu().numpy(), 0, 1) * 255.0 + 0.5
-    return np.ascontiguousarray(a.astype(np.uint8).transpose(1, 2, 0))
+def patchify(image: np.ndarray, p: int) -> np.ndarray:
+    """(H, W, C) -> (L, p*p*C), a copy, in the model's patch order (rows of patches, each row by row, channels last)."""
+    h, w, c = image.shape
+    return image.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * c)
+
+
+def unpatchify(patches: np.ndarray, p: int, gh: int, gw: int) -> np.ndarray:
+    """(L, p*p*C) -> (H, W, C), contiguous."""
+    c = patches.shape[-1] // (p * p)
+    return np.ascontiguousarray(patches.reshape(gh, gw, p, p, c).transpose(0, 2, 1, 3, 4).reshape(gh * p, gw * p, c))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -86,10 +98,10 @@ _RAMP = np.array(
      [252, 255, 164]], dtype=np.float32)  # fmt: skip
 
 
-def error_heatmap(patch_error: torch.Tensor, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+def error_heatmap(patch_error: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
     """Per-patch MSE -> (H, W, 3) uint8 heatmap. Colour = RMSE in [0, 1] pixel units over 0..0.5 (fixed, so
     heatmaps compare across images); visible patches are shown at 0."""
-    rmse = patch_error.float().clamp(min=0).sqrt().reshape(grid).numpy()
+    rmse = np.sqrt(np.clip(patch_error.astype(np.float32), 0, None)).reshape(grid)
     t = np.clip(rmse / 0.5, 0, 1) * (len(_RAMP) - 1)
     lo = np.floor(t).astype(int)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)

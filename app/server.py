@@ -17,14 +17,20 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 from app import metrics
 from app.middleware import FRAMING_ERROR
 from app.service import Readiness
+from app.settings import Settings
 
 log = logging.getLogger("mae.server")
 
@@ -56,6 +62,7 @@ def connection_cap(max_connections: int, open_files: int, limit_concurrency: int
 class ConnectionLimits:
     max_connections: int
     header_timeout_s: float
+    max_header_bytes: int = 16 * 1024
 
 
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -67,15 +74,21 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode() + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-head timeout and a connection cap (see the module docstring)."""
+class _Guard(asyncio.Protocol):
+    """A request-head timeout and a connection cap (see the module docstring), for either of uvicorn's HTTP/1.1
+    protocols: it hooks only what both have (connection_made/lost, data_received, on_response_complete,
+    send_400_response, `cycle`, `connections`, `transport`, `loop`)."""
 
     limits = ConnectionLimits(max_connections=2048, header_timeout_s=10.0)  # replaced by `protocol_for`
+    _head_timer: asyncio.TimerHandle | None = None
+    _idle_since: float | None = None  # waiting for a request head since (monotonic); None = a request in progress
+    _head_bytes = 0  # bytes received while waiting for a request head
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._idle_since: float | None = None  # waiting for a request head since (monotonic); None = busy
+    # Provided by the uvicorn protocol this is mixed into.
+    cycle: Any
+    connections: set[Any]
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
 
     # ------------------------------------------------------------------ connections
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -83,7 +96,7 @@ class GuardedH11Protocol(H11Protocol):
         self._idle_since = time.monotonic()
         metrics.OPEN_CONNECTIONS.set(len(self.connections))
         if len(self.connections) > self.limits.max_connections:
-            idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self
+            idle = [c for c in self.connections if isinstance(c, _Guard) and c is not self
                     and c._idle_since is not None]  # fmt: skip
             if idle:
                 min(idle, key=lambda c: c._idle_since or 0.0)._drop("evicted")
@@ -124,30 +137,80 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.write(_raw_error(408, "Request Timeout", "request_timeout", why))
         self.transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        if self._idle_since is not None:  # bytes of a new request head: its clock starts (or runs on)
-            self._arm_head_timer()
-        super().data_received(data)
-
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:  # a request head arrived and its request started
-            self._idle_since = None
+    def _started_if_new(self, previous: Any) -> bool:
+        if self.cycle is not previous and self.cycle is not None and not self.cycle.response_complete:
+            self._idle_since, self._head_bytes = None, 0  # a request head arrived and its request started
             self._disarm_head_timer()
+            return True
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._idle_since is not None
+        if waiting:  # bytes of a new request head: its clock starts (or runs on)
+            self._arm_head_timer()
+            self._head_bytes += len(data)
+        previous = self.cycle
+        super().data_received(data)
+        if not self._started_if_new(previous) and waiting and self._head_bytes > self.limits.max_header_bytes:
+            # h11 stops at its own limit; httptools has none: a head that never ends would grow without bound.
+            metrics.CONNECTIONS_DROPPED.labels("header_too_large").inc()
+            why = f"the request head is over {self.limits.max_header_bytes} bytes"
+            self.transport.write(_raw_error(431, "Request Header Fields Too Large", "header_too_large", why))
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         self._idle_since = time.monotonic()  # waiting for the next head; uvicorn's keep-alive timer runs
-        super().on_response_complete()
+        previous = self.cycle
+        super().on_response_complete()  # type: ignore[misc]
+        self._started_if_new(previous)  # a pipelined request may start at once
 
     def send_400_response(self, msg: str) -> None:
         if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.scope[FRAMING_ERROR] = True  # type: ignore[literal-required]  # the app counts a 400, not 499
-        super().send_400_response(msg)
+            self.cycle.scope[FRAMING_ERROR] = True  # the app counts a 400, not 499
+        super().send_400_response(msg)  # type: ignore[misc]
 
 
-def protocol_for(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 (pure Python) protocol, guarded."""
+
+
+class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+    """uvicorn's httptools (llhttp, C) protocol, guarded."""
+
+
+HttpImpl = Literal["auto", "h11", "httptools"]
+
+
+def protocol_for(limits: ConnectionLimits, http: HttpImpl = "auto") -> type[_Guard]:
+    """The guarded protocol class with these limits; auto = httptools (a C parser) where it is installed."""
+    if http == "httptools" and HttpToolsProtocol is None:
+        raise RuntimeError("MAE_HTTP=httptools but httptools is not installed")
+    fast = http != "h11" and HttpToolsProtocol is not None
+    base: type[_Guard] = GuardedHttpToolsProtocol if fast else GuardedH11Protocol
+    return type(base.__name__, (base,), {"limits": limits})
+
+
+DRAIN_MARGIN_S = 1.0  # past the drain budget, the time uvicorn gets to send the 503s and close, before it cancels
+
+
+def uvicorn_config(app: Any, settings: Settings, max_connections: int | None = None) -> uvicorn.Config:
+    """The uvicorn configuration mae-serve runs: the guarded protocol, the settings' parser, loop and timeouts."""
+    limits = ConnectionLimits(
+        max_connections or settings.max_connections, settings.header_timeout_s, settings.max_header_bytes
+    )
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        http=protocol_for(limits, settings.http),
+        loop=settings.loop,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        # A backstop: requests left at the drain deadline are answered 503 by the app (middleware.InFlight) first.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + DRAIN_MARGIN_S,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        server_header=False,
+    )
 
 
 def install_accept_error_throttle(loop: asyncio.AbstractEventLoop) -> None:

@@ -64,7 +64,13 @@ def get_readiness(request: Request) -> Readiness:
     return request.app.state.mae
 
 
-def get_service(request: Request) -> Service:
+async def readiness(request: Request) -> Readiness:
+    """get_readiness as a dependency (async: FastAPI runs a plain function dependency in a worker thread, a hop per
+    request for microseconds of work)."""
+    return get_readiness(request)
+
+
+async def get_service(request: Request) -> Service:
     """For routes that need the model: 503 until the models are loaded and warm, and while draining."""
     r = get_readiness(request)
     if r.service is None or r.draining:
@@ -104,7 +110,7 @@ def warm_up(forward: Forward, registry: Registry, max_batch: int) -> None:
         c = entry.config
         n = c.num_patches
         for b in sorted({1, min(max_batch, 4)}):
-            images = torch.rand(b, c.in_chans, c.img_size, c.img_size)
+            images = torch.randint(0, 256, (b, c.img_size, c.img_size, 3), dtype=torch.uint8)
             model_thread.compute(forward, entry, "embed", images, None)
             if c.has_decoder:
                 masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))

@@ -70,8 +70,15 @@ class Settings(BaseSettings):
         2048, ge=16, description="open connections; at most the open-file limit minus a reserve"
     )
     header_timeout_s: float = Field(10.0, gt=0, description="time for a request head to arrive; then 408")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="size of a request head (line + headers); then 431")
     body_timeout_s: float = Field(60.0, gt=0, description="time for a request body to arrive; then 408")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="HTTP/1.1 parser: httptools (C; auto, where installed) or h11 (pure Python)"
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop: uvloop (auto, where installed) or the standard library's asyncio"
+    )
 
     # --- security and lifecycle
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")

@@ -134,23 +134,17 @@ class PatchModel(nn.Module, Generic[C]):
     def viewer_output(
         self, images: torch.Tensor, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
     ) -> ReconstructOutput:
-        """The viewer's images from predicted `patches` in the model's input space. `images` are the originals in
-        [0, 1]; `pred` is the decoder's raw output, kept as it is."""
-        recon = self.denormalize(self.unpatchify(patches, grid)).float().clamp(0, 1)
-        original = images.float()
-        mask_img = self.unpatchify(mask[..., None].expand(-1, -1, patches.shape[-1]).float(), grid)
-        paste = original * (1 - mask_img) + recon * mask_img
-        patch_error = ((self.patchify(recon) - self.patchify(original)) ** 2).mean(dim=-1) * mask.float()
-        mse = patch_error.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
+        """From predicted `patches` in the model's input space to pixels in [0, 1] and the error on masked patches,
+        all in patch layout (no image-sized copies). `images` are the originals in [0, 1]; `pred` is kept as it is."""
+        c = images.shape[1]
+        # The per-channel statistics tiled to the patch layout (p q c): channel fastest.
+        std = self.pixel_std.to(patches.dtype).reshape(c).repeat(self.patch_size**2)
+        mean = self.pixel_mean.to(patches.dtype).reshape(c).repeat(self.patch_size**2)
+        pixels = (patches * std + mean).float().clamp(0, 1)
+        err = ((pixels - self.patchify(images.float())) ** 2).mean(dim=-1) * mask.float()
+        mse = err.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
         return ReconstructOutput(
-            pred=pred,
-            mask=mask,
-            reconstruction=recon,
-            paste=paste,
-            masked=original * (1 - mask_img),
-            patch_error=patch_error,
-            mse=mse,
-            grid=grid,
+            pred=pred, mask=mask, pixels=pixels, images=images, patch_error=err, mse=mse, grid=grid
         )
 
     def require_decoder(self) -> None:

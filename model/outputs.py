@@ -1,6 +1,12 @@
-"""What the serving entry points return: a batch (`EncodeOutput`, `ReconstructOutput`), and per image, by `unbatch()`
-(`Embedding`, `Reconstruction`). Tensors stay where the model made them until `host()` copies a batch to the CPU,
-once per tensor; `unbatch()` then only takes views.
+"""What the serving entry points return: a batch (`EncodeOutput`, `ReconstructOutput`) where the model ran, and per
+image, by `unbatch()` (`Embedding`, `Reconstruction`), on the CPU.
+
+`unbatch()` makes one device-to-host copy per tensor for the whole batch, of exactly what an answer needs: float32
+embeddings; for a reconstruction the predicted pixels as uint8 in patch layout, the mask and the per-patch error.
+Per image, the results are numpy arrays (views of the batch's host copy): what is done with them next (JSON, PNG,
+npz) is numpy's business, never a torch op on a tiny tensor.
+The image views (paste, masked, ...) are drawn from those and the input by the caller (app/render.py); the batch
+keeps them as properties for evaluation and tests.
 """
 
 from __future__ import annotations
@@ -8,7 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from einops import rearrange
 
 MSE_FLOOR = 1e-10
 PSNR_CAP_DB = 10.0 * math.log10(1.0 / MSE_FLOOR)  # 100 dB
@@ -19,24 +27,26 @@ def psnr(mse: float) -> float:
     return 10.0 * math.log10(1.0 / max(float(mse), MSE_FLOOR))
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32) if t.is_floating_point() else t.detach().cpu()
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> uint8, rounded to nearest (x * 255 + 0.5, truncated): the one quantisation of the service."""
+    return (x.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """One image's encoder tokens after the final norm. `patches` in raster order; `patch_indices` says which."""
+    """One image's encoder tokens after the final norm, float32 on the CPU. `patches` in raster order;
+    `patch_indices` says which."""
 
-    cls: torch.Tensor | None  # (D,); None for a model without a CLS token
-    mean: torch.Tensor  # (D,) mean of the patch tokens
-    patches: torch.Tensor  # (K, D)
-    patch_indices: torch.Tensor  # (K,) raster indices, ascending
+    cls: np.ndarray | None  # (D,) float32; None for a model without a CLS token
+    mean: np.ndarray  # (D,) float32, the mean of the patch tokens
+    patches: np.ndarray  # (K, D) float32
+    patch_indices: np.ndarray  # (K,) int64 raster indices, ascending
     grid: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class EncodeOutput:
-    """A batch of `Embedding`s."""
+    """A batch of encoder outputs, where the model ran."""
 
     cls: torch.Tensor | None  # (N, D)
     patches: torch.Tensor  # (N, K, D)
@@ -47,40 +57,27 @@ class EncodeOutput:
     def mean(self) -> torch.Tensor:
         return self.patches.mean(dim=1)
 
-    def host(self) -> EncodeOutput:
-        """The batch on the CPU in float32."""
-        return EncodeOutput(
-            cls=None if self.cls is None else _host(self.cls),
-            patches=_host(self.patches),
-            patch_indices=_host(self.patch_indices),
-            grid=self.grid,
-        )
-
     def unbatch(self) -> list[Embedding]:
-        mean = self.mean
+        """One Embedding per image, float32 on the CPU (one copy per tensor for the batch)."""
+        cls = None if self.cls is None else self.cls.float().cpu().numpy()
+        mean, patches = self.mean.float().cpu().numpy(), self.patches.float().cpu().numpy()
+        indices = self.patch_indices.cpu().numpy()
         return [
-            Embedding(
-                cls=None if self.cls is None else self.cls[i],
-                mean=mean[i],
-                patches=self.patches[i],
-                patch_indices=self.patch_indices[i],
-                grid=self.grid,
-            )
-            for i in range(self.patches.shape[0])
+            Embedding(None if cls is None else cls[i], mean[i], patches[i], indices[i], self.grid)
+            for i in range(patches.shape[0])
         ]
 
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """One image's reconstruction; images are (C, H, W) in [0, 1]."""
+    """One image's reconstruction on the CPU, as compact as a viewer allows (app/render.py draws the views)."""
 
-    mask: torch.Tensor  # (L,), 1 = masked
-    reconstruction: torch.Tensor
-    paste: torch.Tensor  # visible original + predicted masked patches
-    masked: torch.Tensor  # original with masked patches blanked (0)
-    patch_error: torch.Tensor  # (L,) per-patch MSE in [0, 1] pixel space; 0 on visible patches
+    pixels: np.ndarray  # (L, p*p*C) uint8: the predicted pixels of every patch, in the model's patch order
+    mask: np.ndarray  # (L,) bool, True = masked
+    patch_error: np.ndarray  # (L,) float32 per-patch MSE in [0, 1] pixel space; 0 on visible patches
     mse: float  # mean over masked patches (0 when nothing is masked)
     grid: tuple[int, int]
+    patch_size: int
 
     @property
     def psnr(self) -> float | None:
@@ -90,47 +87,56 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class ReconstructOutput:
-    """Everything one reconstruction of a batch yields; images are (N, C, H, W) in [0, 1], clipped.
+    """Everything one reconstruction of a batch yields, where the model ran.
 
     `pred` is the decoder's raw output (N, L, p*p*C) in the model's target space: normalised pixels, or, for a
-    `norm_pix_loss` model, per-patch standardised pixels. For such a model `reconstruction` re-uses each patch's
-    true mean and variance (as the official visualisations do), so masked patches borrow their real brightness
-    and contrast and only the structure inside them is predicted.
+    `norm_pix_loss` model, per-patch standardised pixels. `pixels` is that prediction in [0, 1] pixel space, clipped,
+    in patch layout: for a `norm_pix_loss` model it re-uses each patch's true mean and variance (as the official
+    visualisations do), so masked patches borrow their real brightness and contrast and only the structure inside
+    them is predicted.
     """
 
     pred: torch.Tensor
     mask: torch.Tensor  # (N, L), 1 = masked
-    reconstruction: torch.Tensor
-    paste: torch.Tensor
-    masked: torch.Tensor
-    patch_error: torch.Tensor  # (N, L)
-    mse: torch.Tensor  # (N,)
+    pixels: torch.Tensor  # (N, L, p*p*C) in [0, 1]
+    images: torch.Tensor  # (N, C, H, W) the input in [0, 1]
+    patch_error: torch.Tensor  # (N, L) per-patch MSE in [0, 1] pixel space; 0 on visible patches
+    mse: torch.Tensor  # (N,) mean over masked patches (0 when nothing is masked)
     grid: tuple[int, int]
 
-    def host(self) -> ReconstructOutput:
-        """The batch on the CPU in float32."""
-        return ReconstructOutput(
-            pred=_host(self.pred),
-            mask=_host(self.mask),
-            reconstruction=_host(self.reconstruction),
-            paste=_host(self.paste),
-            masked=_host(self.masked),
-            patch_error=_host(self.patch_error),
-            mse=_host(self.mse),
-            grid=self.grid,
-        )
+    @property
+    def patch_size(self) -> int:
+        return self.images.shape[-1] // self.grid[1]
+
+    def _image(self, patches: torch.Tensor) -> torch.Tensor:
+        p, (h, w) = self.patch_size, self.grid
+        return rearrange(patches, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+    @property
+    def reconstruction(self) -> torch.Tensor:
+        """(N, C, H, W) every patch predicted."""
+        return self._image(self.pixels)
+
+    @property
+    def mask_image(self) -> torch.Tensor:
+        """(N, 1, H, W) 1 on masked patches."""
+        return self._image(self.mask[..., None].float().expand(-1, -1, self.patch_size**2))
+
+    @property
+    def paste(self) -> torch.Tensor:
+        """(N, C, H, W) the visible input + the predicted masked patches."""
+        m = self.mask_image
+        return self.images.float() * (1 - m) + self.reconstruction * m
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """(N, C, H, W) the input with masked patches blanked (0)."""
+        return self.images.float() * (1 - self.mask_image)
 
     def unbatch(self) -> list[Reconstruction]:
-        mse = self.mse.tolist()
-        return [
-            Reconstruction(
-                mask=self.mask[i],
-                reconstruction=self.reconstruction[i],
-                paste=self.paste[i],
-                masked=self.masked[i],
-                patch_error=self.patch_error[i],
-                mse=float(mse[i]),
-                grid=self.grid,
-            )
-            for i in range(self.mask.shape[0])
-        ]
+        """One Reconstruction per image on the CPU: the pixels quantised to uint8 where the model ran, then one copy
+        per tensor for the batch."""
+        pixels, mask = to_uint8(self.pixels).cpu().numpy(), self.mask.bool().cpu().numpy()
+        err, mse = self.patch_error.float().cpu().numpy(), self.mse.float().tolist()
+        p = self.patch_size
+        return [Reconstruction(pixels[i], mask[i], err[i], float(mse[i]), self.grid, p) for i in range(pixels.shape[0])]

@@ -21,6 +21,7 @@ from app import model_thread
 from app.harness import free_port
 from app.main import create_app
 from app.model_thread import Forward
+from app.server import uvicorn_config
 from app.settings import Settings
 from model import MAE, get_config
 from model.formats import save
@@ -73,8 +74,10 @@ def live_server(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings.model_copy(update={"port": port}), forward=forward, on_load_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    quiet = "warning" if settings.log_level == "info" else settings.log_level  # no access log in the test output
+    settings = settings.model_copy(update={"port": port, "host": "127.0.0.1", "log_level": quiet})
+    app = create_app(settings, forward=forward, on_load_failure=stop)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     url = f"http://127.0.0.1:{port}"

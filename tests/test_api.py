@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.settings import Settings
@@ -120,8 +121,9 @@ def test_embed_ratio_zero_equals_the_model_encoder(client, weights):
     assert r.status_code == 200, r.text
     body = r.json()
     from app.imaging import decode, preprocess
+    from app.model_thread import to_input
 
-    x = preprocess(decode(PNG, 10**8), 32)[None]
+    x = to_input(torch.from_numpy(preprocess(decode(PNG, 10**8), 32)[None].copy()), torch.device("cpu"), torch.float32)
     ref = load(weights).model.encode(x)
     assert body["dim"] == 32 and body["grid"] == [4, 4] and body["patch_indices"] == list(range(16))
     assert np.allclose(body["cls"], ref.cls[0].numpy(), atol=1e-5)

@@ -194,8 +194,9 @@ def test_work_of_clients_that_went_away_is_dropped_before_compute(weights):
 
 
 # ------------------------------------------------------------------------------------------------ 4. disconnects
-def test_clients_leaving_mid_body_or_breaking_framing_are_not_server_errors(weights):
-    with server(weights) as s:
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_clients_leaving_mid_body_or_breaking_framing_are_not_server_errors(weights, http):
+    with server(weights, MAE_HTTP=http) as s:
         for ctype in ("image/png", "application/json", "multipart/form-data; boundary=zz"):
             for _ in range(5):
                 sock = raw_request(s.port, "/v1/embed", b"", ctype, length=200_000)
@@ -229,10 +230,12 @@ def silent_sockets(port: int, n: int) -> list[socket.socket]:
     return out
 
 
-def test_silent_sockets_cannot_exhaust_descriptors_or_flood_the_log(weights):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_silent_sockets_cannot_exhaust_descriptors_or_flood_the_log(weights, loop):
     """With 256 open files allowed, 300 connections that never send a byte used to stop all service (accept failed
     with EMFILE forever) and asyncio logged the failure hundreds of times a second."""
-    with server(weights, prefix=("prlimit", "--nofile=256:256"), MAE_HEADER_TIMEOUT_S="2", MAE_LOG_LEVEL="info") as s:
+    env = {"MAE_HEADER_TIMEOUT_S": "2", "MAE_LOG_LEVEL": "info", "MAE_LOOP": loop}
+    with server(weights, prefix=("prlimit", "--nofile=256:256"), **env) as s:
         socks = silent_sockets(s.port, 300)
         try:
             time.sleep(1.0)
@@ -279,8 +282,9 @@ def read_all(sock: socket.socket, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def test_heads_and_bodies_that_do_not_arrive_in_time_get_408_and_idle_connections_close(weights):
-    env = {"MAE_HEADER_TIMEOUT_S": "1", "MAE_BODY_TIMEOUT_S": "1.5", "MAE_KEEP_ALIVE_TIMEOUT_S": "1"}
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_heads_and_bodies_that_do_not_arrive_in_time_get_408_and_idle_connections_close(weights, http):
+    env = {"MAE_HEADER_TIMEOUT_S": "1", "MAE_BODY_TIMEOUT_S": "1.5", "MAE_KEEP_ALIVE_TIMEOUT_S": "1", "MAE_HTTP": http}
     with server(weights, **env) as s:
         silent = socket.create_connection(("127.0.0.1", s.port))
         half_head = socket.create_connection(("127.0.0.1", s.port))

@@ -31,14 +31,36 @@ def test_png_encoder_round_trips(shape):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.encode_png(view)))), view)
 
 
-def test_numpy_conversions_equal_the_torch_ones():
+def test_the_model_input_is_the_reference_preprocessing():
+    """uint8 from Pillow's bicubic resize, then x / 255 in float32 where the model runs: what the official demo and
+    Hugging Face's ViTImageProcessor (rescale 1/255) give."""
     im = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    x = imaging.preprocess(im, 32)
-    ref = torch.from_numpy(np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1) / 255.0
-    assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(x, ref)
-    y = torch.rand(3, 8, 8) * 1.4 - 0.2
-    ref8 = (y.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(render.to_uint8(y), ref8)
+    u8 = imaging.preprocess(im, 32)
+    assert u8.dtype == np.uint8 and np.array_equal(u8, np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)))
+    x = model_thread.to_input(torch.from_numpy(np.stack([u8, u8])), torch.device("cpu"), torch.float32)
+    ref = torch.from_numpy(u8.astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)
+    assert x.shape == (2, 3, 32, 32) and x.is_contiguous() and torch.equal(x[1], ref)
+
+
+def test_uint8_views_equal_the_float_views_quantised():
+    """render draws paste / masked / reconstruction from uint8 pixels and the uint8 input: exactly the float views of
+    the model's output (ReconstructOutput), quantised."""
+    from app.pipeline import Reconstructed
+    from model.outputs import to_uint8
+
+    torch.manual_seed(0)
+    model = MAE(get_config("mae_test")).eval()
+    entry = ModelEntry("t", model, "-", "random", "none", torch.device("cpu"), torch.float32)
+    u8 = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = model_thread.to_input(torch.from_numpy(u8), torch.device("cpu"), torch.float32)
+    masking = Masking(random_noise(2, 16, seed=4), 5)
+    out = model.reconstruct(x, masking)
+    for i, r in enumerate(out.unbatch()):
+        rec = Reconstructed(entry, u8[i], r, seed=4)
+        for name, want in (("original", x), ("reconstruction", out.reconstruction), ("paste", out.paste),
+                           ("masked", out.masked)):  # fmt: skip
+            ref = to_uint8(want[i]).permute(1, 2, 0).numpy()
+            assert np.array_equal(render.view(rec, name), ref), name
 
 
 def test_jpeg_draft_decoding_keeps_both_sides_at_least_the_model_size():
@@ -88,7 +110,7 @@ def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
     async def scenario() -> float:
         engine, entry = _engine(cap=3, max_wait_ms=1000, forward=spy)
         engine.start()
-        x = torch.rand(3, 32, 32)
+        x = np.zeros((32, 32, 3), np.uint8)
         t = time.monotonic()
         await engine.submit(entry, "embed", x, None)  # nothing else is on its way: no 1 s wait
         lone = time.monotonic() - t
@@ -113,8 +135,8 @@ def test_engine_runs_on_the_one_model_thread():
     async def scenario() -> None:
         engine, entry = _engine(cap=4, max_wait_ms=0, forward=spy)
         engine.start()
-        await engine.submit(entry, "embed", torch.rand(3, 32, 32), None)
-        model_thread.run(model_thread.compute, spy, entry, "embed", torch.rand(1, 3, 32, 32), None)
+        await engine.submit(entry, "embed", np.zeros((32, 32, 3), np.uint8), None)
+        model_thread.run(model_thread.compute, spy, entry, "embed", torch.zeros(1, 32, 32, 3, dtype=torch.uint8), None)
         await engine.close(1)
 
     asyncio.run(scenario())

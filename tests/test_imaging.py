@@ -99,13 +99,12 @@ def test_crop_is_the_centre_square_resampled_once_and_pad_letterboxes():
     im = noise(120, 80, seed=8)
     crop = imaging.preprocess(im, 32, "crop")
     want = im.resize((32, 32), Image.Resampling.BICUBIC, box=(20, 0, 100, 80))
-    assert np.array_equal((crop.numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0), np.asarray(want))
+    assert np.array_equal(crop, np.asarray(want))
     pad = imaging.preprocess(im, 32, "pad")
-    assert pad.shape == (3, 32, 32)
-    assert float(pad[:, :5].abs().max()) == 0 and float(pad[:, -5:].abs().max()) == 0  # black bands top and bottom
+    assert pad.shape == (32, 32, 3)
+    assert pad[:5].max() == 0 and pad[-5:].max() == 0  # black bands top and bottom
     squash = imaging.preprocess(im, 32, "squash")
-    assert np.array_equal((squash.numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0),
-                          np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)))  # fmt: skip
+    assert np.array_equal(squash, np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)))
 
 
 def test_slivers_resize_in_every_mode():
@@ -113,8 +112,8 @@ def test_slivers_resize_in_every_mode():
         im = Image.new("RGB", size, (10, 200, 30))
         for mode in ("squash", "crop", "pad"):
             t = imaging.preprocess(im, 32, mode)
-            assert t.shape == (3, 32, 32)
-            assert abs(float(t[1].max()) - 200 / 255) < 0.01  # the colour survives
+            assert t.shape == (32, 32, 3)
+            assert abs(int(t[..., 1].max()) - 200) <= 2  # the colour survives
 
 
 def test_error_messages_are_stable_across_calls():

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
 
 from app import pipeline
 from app.auth import require_api_key
 from app.errors import APIError
+from app.jsonio import JSONAnswer
 from app.params import Call, EmbedParams, Pool, call_for, openapi_for
 from app.pipeline import Embedded
 from app.schemas import EmbedResult, ErrorBody, ImageFailure
@@ -66,8 +66,8 @@ async def embed(
     if len(call.images) == 1:
         if isinstance(first, APIError):
             raise first
-        return JSONResponse(bodies[0])
-    return JSONResponse(bodies)
+        return JSONAnswer(bodies[0])
+    return JSONAnswer(bodies)
 
 
 def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
@@ -81,12 +81,12 @@ def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
         "mask_ratio": r.mask_ratio,
     }
     if "cls" in keep:
-        body["cls"] = None if e.cls is None else e.cls.tolist()
+        body["cls"] = e.cls
     if "mean" in keep:
-        body["mean"] = e.mean.tolist()
+        body["mean"] = e.mean
     if "patches" in keep:
-        body["patches"] = e.patches.tolist()
-        body["patch_indices"] = e.patch_indices.tolist()
+        body["patches"] = e.patches
+        body["patch_indices"] = e.patch_indices
     return body
 
 
@@ -97,7 +97,7 @@ def _binary(results: list[Embedded], p: EmbedParams) -> Response:
     has_cls = results[0].out.cls is not None
 
     def stack(key: str) -> np.ndarray:
-        arrs = [getattr(r.out, key).numpy() for r in results]
+        arrs = [getattr(r.out, key) for r in results]
         return arrs[0] if single else np.stack(arrs)
 
     buf = io.BytesIO()

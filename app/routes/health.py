@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.auth import require_metrics_key
 from app.schemas import ErrorBody
-from app.service import Readiness, get_readiness
+from app.service import Readiness, readiness
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Ready: weights loaded and warmed up, not draining")
-async def readyz(r: Annotated[Readiness, Depends(get_readiness)]) -> Response:
+async def readyz(r: Annotated[Readiness, Depends(readiness)]) -> Response:
     if r.ready and r.service is not None:
         return JSONResponse({"status": "ready", "models": list(r.service.registry.entries)})
     status = "draining" if r.draining else "loading"

@@ -7,11 +7,11 @@ import base64
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
 
 from app import pipeline, render
 from app.auth import require_api_key
 from app.errors import APIError
+from app.jsonio import JSONAnswer
 from app.params import Call, ReconstructParams, call_for, openapi_for
 from app.pipeline import Reconstructed
 from app.schemas import ErrorBody, ImageFailure, ReconstructResult
@@ -56,8 +56,8 @@ async def reconstruct(
     if len(call.images) == 1:
         if isinstance(results[0], APIError):
             raise results[0]
-        return JSONResponse(bodies[0], headers=sha)
-    return JSONResponse(bodies, headers=sha)
+        return JSONAnswer(bodies[0], headers=sha)
+    return JSONAnswer(bodies, headers=sha)
 
 
 def _headers(r: Reconstructed, view: str) -> dict[str, str]:
