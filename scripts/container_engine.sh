@@ -68,7 +68,7 @@ stop() {
   fi
   if [ "${1:-}" = --purge ] && [ -d "$DIR" ]; then
     # Mounts a killed daemon may have left (container layers, shm), innermost first, before deleting.
-    findmnt -rn -o TARGET | grep "^$DIR/" | sort -r | while read -r m; do umount -l "$m" || true; done
+    findmnt -rn -o TARGET | { grep "^$DIR/" || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
     rm -rf "$DIR"
     say "deleted $DIR"
   fi
