@@ -18,6 +18,8 @@ burst: every admitted request must complete and the process must exit 0.
 
     python scripts/gpu_smoke.py                                  # on a GPU host
     python scripts/gpu_smoke.py --device cpu --dtype float32     # dry run without a GPU
+    python scripts/gpu_smoke.py --container mae-serve:0.1.0 --build   # the GPU image: build it, then the same
+                                                                 # checks on its containers (docker stop drains)
 
 With --device/--dtype equal to the reference, one server runs and its answers are compared with a second round
 of the same requests (a determinism check). Exit status: 0 all checks passed, 1 a check failed, 2 could not run.
@@ -299,15 +301,34 @@ class Server:
         except OSError:
             return "(no log)"
 
-    def wait_ready(self, timeout: float) -> float:
+    # What the checks need of a server, whatever runs it (a process here, or a container: ContainerServer).
+    def exit_code(self) -> int | None:
+        """None while it runs."""
         assert self.proc is not None
+        return self.proc.poll()
+
+    def sigterm(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status once it has stopped by itself; None if it had to be killed after `timeout` seconds."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def wait_ready(self, timeout: float) -> float:
         t0 = time.monotonic()
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
             while time.monotonic() - t0 < timeout:
-                if self.proc.poll() is not None:
+                rc = self.exit_code()
+                if rc is not None:
                     raise SetupError(
-                        f"[{self.label}] server exited with {self.proc.returncode} before it was "
-                        f"ready; log tail:\n{self.log_tail()}"
+                        f"[{self.label}] server exited with {rc} before it was ready; log tail:\n{self.log_tail()}"
                     )
                 try:
                     if client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200:
@@ -319,15 +340,122 @@ class Server:
 
     def terminate(self) -> int | None:
         """SIGTERM and wait for the drain; returns the exit status (None: had to be killed)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=self.args.shutdown_timeout + 15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is None:
             return None
+        if self.exit_code() is not None:
+            return self.exit_code()
+        self.sigterm()
+        return self.wait_exit(self.args.shutdown_timeout + 15)
+
+
+# The hardening docker-compose.yml gives the service (tests/test_deploy.py checks that the two agree).
+CONTAINER_HARDENING = [
+    "--read-only",
+    "--tmpfs",
+    "/tmp:size=1g,mode=1777",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges:true",
+    "--init",
+]
+
+
+class ContainerServer(Server):
+    """The server as a container of --container IMAGE, run the way docker-compose.yml runs it, published on a
+    loopback port; a GPU device gets `--gpus all`. SIGTERM is `docker stop` (it waits for the drain)."""
+
+    def __init__(self, label: str, device: str, dtype: str, args: argparse.Namespace, logdir: Path) -> None:
+        super().__init__(label, device, dtype, args, logdir)
+        self.name = f"mae-smoke-{label}-{os.getpid()}"
+        self.started = False
+        self.stopper: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        a = self.args
+        cmd = [*shlex.split(a.docker), "run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000"]
+        cmd += [*CONTAINER_HARDENING, "--stop-timeout", str(a.shutdown_timeout + 10)]
+        if self.device.startswith("cuda"):
+            cmd += ["--gpus", "all"]
+        env = {"MAE_DEVICE": self.device, "MAE_DTYPE": self.dtype, "MAE_SHUTDOWN_TIMEOUT_S": str(a.shutdown_timeout)}
+        if a.weights:  # a file on this host: its folder is mounted read-only at /weights
+            host = Path(a.weights).resolve()
+            cmd += ["-v", f"{host.parent}:/weights:ro"]
+            env["MAE_WEIGHTS"] = f"/weights/{host.name}"
+        for k, v in env.items():
+            cmd += ["-e", f"{k}={v}"]
+        return [*cmd, a.container]
+
+    def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([*shlex.split(self.args.docker), *args], capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> None:
+        cmd = self.command()
+        print(f"[{self.label}] starting {shlex.join(cmd)}", flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise SetupError(f"[{self.label}] docker run failed ({r.returncode}): {r.stderr.strip()}")
+        self.started = True
+
+    def exit_code(self) -> int | None:
+        r = self.docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.name)
+        if r.returncode != 0:
+            raise SetupError(f"[{self.label}] container {self.name} is gone: {r.stderr.strip()}")
+        running, code = r.stdout.split()
+        return None if running == "true" else int(code)
+
+    def sigterm(self) -> None:
+        self.stopper = subprocess.Popen(
+            [*shlex.split(self.args.docker), "stop", "-t", str(self.args.shutdown_timeout + 10), self.name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            r = self.docker("wait", self.name, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.docker("kill", self.name)
+            return None
+        if self.stopper is not None:
+            self.stopper.wait(timeout=30)
+        code = int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+        return None if code == 137 else code  # 137: docker stop's SIGKILL after its timeout
+
+    def log_tail(self, lines: int = 40) -> str:
+        r = self.docker("logs", "--tail", str(lines), self.name) if self.started else None
+        if r is not None and r.returncode == 0:
+            return (r.stdout + r.stderr).strip()
+        return super().log_tail(lines)
+
+    def terminate(self) -> int | None:
+        if not self.started:
+            return None
+        try:
+            rc = self.exit_code()
+            if rc is None:
+                self.sigterm()
+                rc = self.wait_exit(self.args.shutdown_timeout + 15)
+        except SetupError:
+            rc = None
+        r = self.docker("logs", self.name)  # kept for the failure report; then the container goes
+        self.log_path.write_text(r.stdout + r.stderr)
+        self.docker("rm", "-f", self.name)
+        self.started = False
+        return rc
+
+
+def build_image(args: argparse.Namespace) -> None:
+    """--build: the image from this repository's Dockerfile (default BASE: the CUDA runtime image)."""
+    cmd = [*shlex.split(args.docker), "build", "-t", args.container]
+    for arg in args.build_arg:
+        cmd += ["--build-arg", arg]
+    cmd.append(str(Path(__file__).resolve().parents[1]))
+    print(f"building: {shlex.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    if subprocess.run(cmd).returncode != 0:
+        raise SetupError("docker build failed")
+    print(f"built {args.container} in {time.monotonic() - t0:.0f} s", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,9 +616,8 @@ async def burst_with_sigterm(
     """A burst with SIGTERM sent 0.3 s in: (when SIGTERM was sent, the outcomes)."""
     task = asyncio.create_task(burst(server, ep, images, fields, n, concurrency, timeout))
     await asyncio.sleep(0.3)
-    assert server.proc is not None
     sent = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    server.sigterm()
     _, outcomes = await task
     return sent, outcomes
 
@@ -545,12 +672,7 @@ def drain_check(
             args.request_timeout,
         )
     )
-    assert server.proc is not None
-    try:
-        rc = server.proc.wait(timeout=args.shutdown_timeout + 15)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        rc = None
+    rc = server.wait_exit(args.shutdown_timeout + 15)
     admitted = [o for o in outcomes if o.started < sent - 0.05]
     in_flight = [o for o in admitted if o.started + o.latency > sent]
     print(
@@ -593,8 +715,11 @@ def run(args: argparse.Namespace) -> int:
         logdir = Path(args.log_dir) if args.log_dir else Path(tmp)
         logdir.mkdir(parents=True, exist_ok=True)
         servers: list[Server] = []
+        server_class = ContainerServer if args.container else Server
         try:
-            ref_server = Server("reference", args.ref_device, "float32", args, logdir)
+            if args.container and args.build:
+                build_image(args)
+            ref_server = server_class("reference", args.ref_device, "float32", args, logdir)
             servers.append(ref_server)
             ref_server.start()
             print(f"[reference] ready in {ref_server.wait_ready(args.ready_timeout):.1f} s", flush=True)
@@ -610,7 +735,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 rc = ref_server.terminate()
                 rep.check(rc == 0, f"[reference] exit status 0 on SIGTERM (got {rc})")
-                cand_server = Server("candidate", args.device, args.dtype, args, logdir)
+                cand_server = server_class("candidate", args.device, args.dtype, args, logdir)
                 servers.append(cand_server)
                 cand_server.start()
                 print(f"[candidate] ready in {cand_server.wait_ready(args.ready_timeout):.1f} s", flush=True)
@@ -668,9 +793,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--shutdown-timeout", type=int, default=20, help="MAE_SHUTDOWN_TIMEOUT_S (default 20)")
     p.add_argument("--server-cmd", default=None, help="command that starts the server (default: mae-serve)")
+    p.add_argument(
+        "--container",
+        default=None,
+        metavar="IMAGE",
+        help="run the servers as containers of IMAGE (docker run, hardened like docker-compose.yml; --gpus all "
+        "for a cuda device) instead of mae-serve processes",
+    )
+    p.add_argument("--build", action="store_true", help="with --container: docker build IMAGE from this repository")
+    p.add_argument("--build-arg", action="append", default=[], help="with --build: a build argument (repeatable)")
+    p.add_argument("--docker", default="docker", help="the docker command (default: docker)")
     p.add_argument("--log-dir", default=None, help="keep the server logs here (default: a temporary folder)")
     args = p.parse_args(argv)
     args.ref_device = args.ref_device or args.device
+    if (args.build or args.build_arg) and not args.container:
+        p.error("--build and --build-arg need --container IMAGE")
     gpu = args.device.startswith("cuda")
     if args.burst is None:
         args.burst = 256 if gpu else 32

@@ -825,3 +825,29 @@ def test_gpu_smoke_reads_the_request_shape_from_openapi():
     assert kwargs["params"] == {"seed": 3} and kwargs["data"] == {"format": "json"} and "file" in kwargs["files"]
     guessed = m.endpoint_from_openapi(None, "/v1/embed")
     assert not guessed.known and guessed.request(b"x", "a.png", {"format": "json"})["params"] == {"format": "json"}
+
+
+def test_gpu_smoke_container_mode_runs_the_image_as_compose_does(tmp_path):
+    """--container: `docker run` with the compose file's hardening, --gpus all for a GPU, weights mounted read-only."""
+    m = smoke_module()
+    service = compose()["services"]["mae-serve"]
+    weights = tmp_path / "large.safetensors"
+    args = m.parse_args(["--container", "mae-serve:0.1.0", "--weights", str(weights)])
+    server = m.ContainerServer("candidate", "cuda", "bfloat16", args, tmp_path)
+    cmd = server.command()
+    assert cmd[:3] == ["docker", "run", "-d"] and cmd[-1] == "mae-serve:0.1.0"
+    flags = " ".join(cmd)
+    assert "--gpus all" in flags and f"-p 127.0.0.1:{server.port}:8000" in flags
+    assert ("--read-only" in cmd) is service["read_only"] is True
+    assert all(f"--tmpfs {t}" in flags for t in service["tmpfs"])
+    assert all(f"--cap-drop {c}" in flags for c in service["cap_drop"])
+    assert all(f"--security-opt {o}" in flags for o in service["security_opt"])
+    assert ("--init" in cmd) is service["init"] is True
+    stop = int(cmd[cmd.index("--stop-timeout") + 1])
+    assert stop > args.shutdown_timeout and stop <= seconds(service["stop_grace_period"])
+    assert f"-v {tmp_path}:/weights:ro" in flags and "-e MAE_WEIGHTS=/weights/large.safetensors" in flags
+    assert "-e MAE_DEVICE=cuda" in flags and "-e MAE_DTYPE=bfloat16" in flags
+    cpu = m.ContainerServer("reference", "cpu", "float32", m.parse_args(["--container", "x"]), tmp_path)
+    assert "--gpus" not in cpu.command()
+    with pytest.raises(SystemExit):
+        m.parse_args(["--build"])  # --build needs --container
