@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +41,17 @@ class DeadlineExceeded(EngineError):
 
 class ComputeFailed(EngineError):
     pass
+
+
+class Batcher(Protocol):
+    """What the pipeline needs of an engine: this one, or app.remote.RemoteEngine in an HTTP worker."""
+
+    async def submit(
+        self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
+    ) -> Result: ...
+    def coming(self) -> contextlib.AbstractContextManager[None]: ...
+    def cap(self, entry: ModelEntry) -> int: ...
+    async def close(self, timeout: float) -> None: ...
 
 
 def _cancel_reason(future: asyncio.Future[Result]) -> str:

@@ -6,6 +6,7 @@ The process's output goes to a file, never a pipe: a server that logs a lot must
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -82,8 +83,8 @@ class ServerProcess:
         end = self._t0 + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as client:
             while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
+                if (rc := self.exit_code()) is not None:
+                    raise RuntimeError(f"server exited with {rc} before it was ready:\n{self.tail()}")
                 try:
                     status = client.get("/readyz").status_code
                     if self.listening_s != self.listening_s:  # nan: the first answer
@@ -108,6 +109,25 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
+
+    # What a caller may need to drive a shutdown step by step (a subclass may run the server another way).
+    def exit_code(self) -> int | None:
+        """None while it runs."""
+        assert self.proc is not None, "start() first"
+        return self.proc.poll()
+
+    def sigterm(self) -> None:
+        assert self.proc is not None, "start() first"
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status once it stopped by itself; None if it had to be killed after `timeout` seconds."""
+        assert self.proc is not None, "start() first"
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -145,10 +165,27 @@ class ServerProcess:
                 return int(line.split()[1])
         raise KeyError(field)
 
+    def pids(self) -> list[int]:
+        """The server's processes: this one and its children (the HTTP workers of MAE_WORKERS > 1), recursively."""
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):  # the thread ended meanwhile
+                    todo += [int(c) for c in task.read_text().split()]
+        return out
+
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all threads) from /proc/PID/stat."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server (all its processes and threads) from /proc/PID/stat."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:  # exited meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=10).text

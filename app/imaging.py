@@ -65,10 +65,10 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, max_jpeg_s
     JPEG the number of scans against `max_jpeg_scans` (a progressive decoder walks every block of the image once per
     scan, so a few bytes per scan can cost hours; decode cost <= scans x pixels).
 
-    min_side: the caller only needs an image whose sides are both at least this long (it resizes to the model's
-    input next). A JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= min_side
-    (libjpeg's scaled decoding, Pillow's `draft`): a 1024 x 683 photo for a 224 model decodes at 512 x 342, about
-    2x faster to decode and 3x faster to resize, and the bicubic resize that follows sees the same detail.
+    min_side (MAE_JPEG_DRAFT, off by default): the caller only needs an image whose sides are both at least this long.
+    A JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= min_side (libjpeg's
+    scaled decoding, Pillow's `draft`): faster, but the pixels are not a full decode's, so the model's input is not
+    the reference preprocessing's (BENCHMARKS.md measures by how much). Without it, every image is decoded whole.
     """
     if not data:
         raise UnreadableImage("empty_image", "the image is empty (0 bytes)")

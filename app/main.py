@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors, model_thread, service
+from app.cpus import configure_torch_threads
 from app.middleware import BodyGuard, InFlight, Lifecycle
 from app.model_thread import Forward
 from app.registry import ModelLoadError
@@ -36,12 +37,15 @@ def create_app(
     forward: Forward = model_thread.forward,
     load_in_background: bool = True,
     on_load_failure: Callable[[str], None] | None = None,
+    engine_address: str | None = None,
 ) -> FastAPI:
     """The ASGI app. `forward` runs a batch (tests pass a slow one). With load_in_background=False the lifespan loads
-    before serving (tests)."""
+    before serving (tests). `engine_address`: an HTTP worker's; the model process there has the models (app.remote)."""
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    if engine_address:
+        torch.set_num_threads(1)  # nothing here runs the model
+    else:
+        configure_torch_threads(settings.torch_threads, on_gpu=settings.device != "cpu" and torch.cuda.is_available())
     readiness = Readiness(settings, InFlight(settings.limit_concurrency))
 
     def failed(message: str) -> None:
@@ -57,7 +61,10 @@ def create_app(
 
         async def load() -> None:
             try:
-                readiness.service = await service.start(settings, forward, io_pool)
+                if engine_address:
+                    readiness.service = await service.start_remote(settings, engine_address, io_pool)
+                else:
+                    readiness.service = await service.start(settings, forward, io_pool)
             except (ModelLoadError, ValueError) as e:
                 failed(str(e))
                 raise

@@ -20,6 +20,7 @@ from app.imaging import ResizeMode
 from app.model_thread import Op, Result
 from app.registry import ModelEntry
 from app.service import Service
+from app.settings import Settings
 from model.family import ModelConfig
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
 from model.outputs import Embedding, Reconstruction
@@ -116,7 +117,7 @@ async def _run(
     try:
         with service.engine.coming():  # while this decodes, a partial batch may wait for it (app.engine)
             image, masking = await asyncio.get_running_loop().run_in_executor(
-                service.io_pool, _prepare, data, c, mask, op, resize, s.max_image_pixels, s.max_jpeg_scans
+                service.io_pool, _prepare, data, c, mask, op, resize, s
             )
         return image, await service.engine.submit(entry, op, image, masking, deadline)
     except asyncio.CancelledError:
@@ -126,11 +127,11 @@ async def _run(
 
 
 def _prepare(
-    data: bytes, c: ModelConfig, mask: MaskSpec, op: Op, resize: ResizeMode, max_pixels: int, max_scans: int
+    data: bytes, c: ModelConfig, mask: MaskSpec, op: Op, resize: ResizeMode, s: Settings
 ) -> tuple[np.ndarray, Masking | None]:
     """In the I/O pool: the image decoded and resized to the model's input, and its masking (off the event loop)."""
-    # min_side: a large JPEG is decoded at a reduced DCT scale, never below the model's input size.
-    im = imaging.decode(data, max_pixels, min_side=c.img_size, max_jpeg_scans=max_scans)
+    draft = c.img_size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
+    im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
     return imaging.preprocess(im, c.img_size, resize), mask.masking(c.num_patches, encoder_only=op == "embed")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from fastapi import Request
 
 from app import model_thread
-from app.engine import Engine
+from app.engine import Batcher, Engine
 from app.errors import APIError
 from app.middleware import InFlight
 from app.model_thread import Forward
@@ -31,7 +32,7 @@ log = logging.getLogger("mae.service")
 class Service:
     settings: Settings
     registry: Registry
-    engine: Engine
+    engine: Batcher  # app.engine.Engine, or in an HTTP worker app.remote.RemoteEngine
     io_pool: ThreadPoolExecutor  # decoding and encoding: Pillow and zlib release the GIL
 
     def model(self, name: str | None) -> ModelEntry:
@@ -101,6 +102,16 @@ async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecuto
         await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
     engine.start()
     log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
+    return Service(settings, registry, engine, io_pool)
+
+
+async def start_remote(settings: Settings, address: str, io_pool: ThreadPoolExecutor) -> Service:
+    """An HTTP worker's Service: the model process at `address` (app.remote) has the models and the engine."""
+    from app.remote import RemoteEngine
+
+    engine = RemoteEngine(address)
+    registry = await engine.connect(timeout=3600.0)  # as long as the model process takes to load and warm up
+    log.info("worker %d ready: models %s in the model process", os.getpid(), ", ".join(registry.entries))
     return Service(settings, registry, engine, io_pool)
 
 

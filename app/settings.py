@@ -22,12 +22,21 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     warmup: bool = True
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads; 0 = from the CPUs this process may use (affinity, cgroup quota), a quarter "
+        "left to decoding and encoding; 1 with the model on a GPU",
+    )
     cpu_kernels: Literal["auto", "onednn", "onednn-packed", "stock"] = Field(
         "auto",
         description="fp32 linear layers on CPU: oneDNN (AVX-512 where the CPU has it), onednn-packed (the weights "
         "pre-reordered: a second copy in memory), stock PyTorch, or auto: oneDNN if a start-up timing of the model's "
         "widest layer finds it faster (BENCHMARKS.md)",
+    )
+
+    workers: int = Field(
+        1, ge=1, le=256, description="HTTP worker processes in front of one model process; 1 = one process does both"
     )
 
     # --- batching engine
@@ -52,6 +61,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body cap, counted while reading")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height cap, checked before decoding")
     max_images_per_request: int = Field(16, ge=1)
+    jpeg_draft: bool = Field(
+        False,
+        description="decode a large JPEG at a reduced DCT scale (1/2 to 1/8, never below the model's input) before "
+        "resizing: faster, but not the reference preprocessing (BENCHMARKS.md gives the error)",
+    )
     max_jpeg_scans: int = Field(
         32,
         ge=1,

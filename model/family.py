@@ -55,7 +55,8 @@ class ModelConfig(Protocol):
 class MaskedAutoencoder(Protocol):
     """A model the service can serve: images in [0, 1] in, typed outputs back."""
 
-    family: ClassVar[str]
+    @property
+    def family(self) -> str: ...
 
     @property
     def config(self) -> ModelConfig: ...

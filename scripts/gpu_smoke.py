@@ -35,8 +35,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,9 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: its app/ (the one harness)
+from app.harness import ServerProcess  # noqa: E402
 
 # mae-serve's JSON answers: reconstruct {"mask": [...], "images": {view: base64 PNG}, ...}; embed {"cls": [...],
 # "mean": [...], "patches": [[...]], ...}. Other names are looked for too, so the script survives renames.
@@ -250,12 +251,6 @@ def endpoint_from_openapi(doc: dict | None, path: str) -> Endpoint:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(override: str | None) -> list[str]:
     if override:
         return shlex.split(override)
@@ -266,77 +261,43 @@ def server_command(override: str | None) -> list[str]:
     return [sys.executable, "-m", "app.cli"]
 
 
-class Server:
+class Server(ServerProcess):
+    """mae-serve as a process on this host (app.harness), on a free loopback port."""
+
     def __init__(self, label: str, device: str, dtype: str, args: argparse.Namespace, logdir: Path) -> None:
         self.label, self.device, self.dtype, self.args = label, device, dtype, args
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = logdir / f"server-{label}.log"
-        self.proc: subprocess.Popen | None = None
+        env = {
+            "MAE_DEVICE": device,
+            "MAE_DTYPE": dtype,
+            "MAE_SHUTDOWN_TIMEOUT_S": str(args.shutdown_timeout),
+            "MAE_API_KEYS": "",  # no auth for the smoke test
+            "MAE_LOG_LEVEL": "info",
+        }
+        if args.weights:
+            env["MAE_WEIGHTS"] = args.weights
+        super().__init__(env, command=server_command(args.server_cmd), log_path=logdir / f"server-{label}.log")
+        self.base_url = self.url
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        env.pop("MAE_API_KEYS", None)  # no auth for the smoke test
-        env.update(
-            MAE_HOST="127.0.0.1",
-            MAE_PORT=str(self.port),
-            MAE_DEVICE=self.device,
-            MAE_DTYPE=self.dtype,
-            MAE_SHUTDOWN_TIMEOUT_S=str(self.args.shutdown_timeout),
-        )
-        if self.args.weights:
-            env["MAE_WEIGHTS"] = self.args.weights
-        cmd = server_command(self.args.server_cmd)
+    def start(self) -> Server:
         print(
-            f"[{self.label}] starting {shlex.join(cmd)} (MAE_DEVICE={self.device} MAE_DTYPE={self.dtype}) "
+            f"[{self.label}] starting {shlex.join(self.command)} (MAE_DEVICE={self.device} MAE_DTYPE={self.dtype}) "
             f"on port {self.port}, log: {self.log_path}",
             flush=True,
         )
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        super().start()
+        return self
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.tail(lines)
         except OSError:
             return "(no log)"
 
-    # What the checks need of a server, whatever runs it (a process here, or a container: ContainerServer).
-    def exit_code(self) -> int | None:
-        """None while it runs."""
-        assert self.proc is not None
-        return self.proc.poll()
-
-    def sigterm(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait_exit(self, timeout: float) -> int | None:
-        """The exit status once it has stopped by itself; None if it had to be killed after `timeout` seconds."""
-        assert self.proc is not None
+    def wait_ready(self, timeout: float, poll_s: float = 0.5) -> float:
         try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-    def wait_ready(self, timeout: float) -> float:
-        t0 = time.monotonic()
-        with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
-            while time.monotonic() - t0 < timeout:
-                rc = self.exit_code()
-                if rc is not None:
-                    raise SetupError(
-                        f"[{self.label}] server exited with {rc} before it was ready; log tail:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200:
-                        return time.monotonic() - t0
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-        raise SetupError(f"[{self.label}] /readyz not 200 after {timeout:.0f} s; log tail:\n{self.log_tail()}")
+            return super().wait_ready(timeout, poll_s)
+        except RuntimeError as e:
+            raise SetupError(f"[{self.label}] {e}") from None
 
     def terminate(self) -> int | None:
         """SIGTERM and wait for the drain; returns the exit status (None: had to be killed)."""
@@ -371,7 +332,7 @@ class ContainerServer(Server):
         self.started = False
         self.stopper: subprocess.Popen | None = None
 
-    def command(self) -> list[str]:
+    def docker_run(self) -> list[str]:
         a = self.args
         cmd = [*shlex.split(a.docker), "run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000"]
         cmd += [*CONTAINER_HARDENING, "--stop-timeout", str(a.shutdown_timeout + 10)]
@@ -389,13 +350,15 @@ class ContainerServer(Server):
     def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*shlex.split(self.args.docker), *args], capture_output=True, text=True, timeout=timeout)
 
-    def start(self) -> None:
-        cmd = self.command()
+    def start(self) -> ContainerServer:
+        cmd = self.docker_run()
         print(f"[{self.label}] starting {shlex.join(cmd)}", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise SetupError(f"[{self.label}] docker run failed ({r.returncode}): {r.stderr.strip()}")
         self.started = True
+        self._t0 = time.monotonic()
+        return self
 
     def exit_code(self) -> int | None:
         r = self.docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.name)
@@ -426,7 +389,7 @@ class ContainerServer(Server):
         r = self.docker("logs", "--tail", str(lines), self.name) if self.started else None
         if r is not None and r.returncode == 0:
             return (r.stdout + r.stderr).strip()
-        return super().log_tail(lines)
+        return "(no log)"
 
     def terminate(self) -> int | None:
         if not self.started:

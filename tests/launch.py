@@ -3,24 +3,23 @@
     MAE_TEST_FORWARD_SLEEP_S   every batch's forward pass sleeps this long first (work really is in flight)
     MAE_TEST_DECODE_SLEEP_S    every image decode sleeps this long first (a decode still running at exit)
 
-Run as `python -m tests.launch` by app.harness.ServerProcess(module="tests.launch"). Never shipped.
+Run as `python -m tests.launch` by app.harness.ServerProcess(module="tests.launch"). Never shipped. Nothing here
+imports the service's modules before app.cli.main runs: with MAE_WORKERS > 1 the metrics must be set up first.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
-import torch
-
-from app import cli, imaging, model_thread
-from app.model_thread import Op, Result
-from app.registry import ModelEntry
-from model.masking import Masking
+from app import cli
 
 
-def slow_forward(delay: float) -> model_thread.Forward:
-    def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
+def slow_forward(delay: float) -> Any:
+    def forward(entry: Any, op: Any, images: Any, masking: Any) -> Any:
+        from app import model_thread
+
         time.sleep(delay)
         return model_thread.forward(entry, op, images, masking)
 
@@ -30,9 +29,11 @@ def slow_forward(delay: float) -> model_thread.Forward:
 if __name__ == "__main__":
     decode_sleep = float(os.environ.get("MAE_TEST_DECODE_SLEEP_S", "0"))
     if decode_sleep:  # decoding has no seam: this process is the test's own, so it patches the function itself
+        from app import imaging
+
         real_decode = imaging.decode
 
-        def slow_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def slow_decode(*args: Any, **kwargs: Any) -> Any:
             time.sleep(decode_sleep)
             return real_decode(*args, **kwargs)
 

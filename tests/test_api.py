@@ -334,3 +334,24 @@ def test_client_library(weights):
         with pytest.raises(MAEError) as e:
             c.reconstruct(b"junk")
         assert e.value.status == 415
+
+
+def test_a_jpeg_reaches_the_model_as_the_reference_preprocessing_gives_it(weights):
+    """Full decode + bicubic resize (the official demo's and Hugging Face's): the 'original' view is the model's input,
+    pixel for pixel. MAE_JPEG_DRAFT (off by default) decodes at a reduced DCT scale and differs: the check can fail."""
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+
+    def original(settings: Settings) -> np.ndarray:
+        with app_client(settings) as c:
+            r = c.post("/v1/reconstruct", params={"view": "original", "mask_ratio": 0}, content=data,
+                       headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+
+    assert np.array_equal(original(Settings(weights=str(weights))), reference)
+    assert not np.array_equal(original(Settings(weights=str(weights), jpeg_draft=True)), reference)

@@ -834,7 +834,7 @@ def test_gpu_smoke_container_mode_runs_the_image_as_compose_does(tmp_path):
     weights = tmp_path / "large.safetensors"
     args = m.parse_args(["--container", "mae-serve:0.1.0", "--weights", str(weights)])
     server = m.ContainerServer("candidate", "cuda", "bfloat16", args, tmp_path)
-    cmd = server.command()
+    cmd = server.docker_run()
     assert cmd[:3] == ["docker", "run", "-d"] and cmd[-1] == "mae-serve:0.1.0"
     flags = " ".join(cmd)
     assert "--gpus all" in flags and f"-p 127.0.0.1:{server.port}:8000" in flags
@@ -848,6 +848,6 @@ def test_gpu_smoke_container_mode_runs_the_image_as_compose_does(tmp_path):
     assert f"-v {tmp_path}:/weights:ro" in flags and "-e MAE_WEIGHTS=/weights/large.safetensors" in flags
     assert "-e MAE_DEVICE=cuda" in flags and "-e MAE_DTYPE=bfloat16" in flags
     cpu = m.ContainerServer("reference", "cpu", "float32", m.parse_args(["--container", "x"]), tmp_path)
-    assert "--gpus" not in cpu.command()
+    assert "--gpus" not in cpu.docker_run()
     with pytest.raises(SystemExit):
         m.parse_args(["--build"])  # --build needs --container

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import metrics as app_metrics
 from app.auth import require_metrics_key
 from app.schemas import ErrorBody
 from app.service import Readiness, readiness
@@ -23,7 +24,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Ready: weights loaded and warmed up, not draining")
 async def readyz(r: Annotated[Readiness, Depends(readiness)]) -> Response:
     if r.ready and r.service is not None:
-        return JSONResponse({"status": "ready", "models": list(r.service.registry.entries)})
+        return JSONResponse({"status": "ready", "models": list(r.service.registry.entries), "pid": os.getpid()})
     status = "draining" if r.draining else "loading"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
@@ -36,4 +37,5 @@ async def readyz(r: Annotated[Readiness, Depends(readiness)]) -> Response:
     responses={401: {"model": ErrorBody, "description": "MAE_METRICS_REQUIRE_KEY=true and no valid key"}},
 )
 async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body, media_type = app_metrics.render()
+    return Response(body, media_type=media_type)

@@ -1,0 +1,129 @@
+"""MAE_WORKERS > 1: HTTP workers in front of one model process (app/supervisor.py, app/remote.py), for real.
+
+Same answers as one process; batching stays global (images from every worker meet in one engine); shared metrics;
+a client that leaves has its queued images dropped in the model process; a worker that dies is replaced; SIGTERM
+drains every worker and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from app.harness import ServerProcess, metric_value
+from tests.serving import image_bytes
+
+pytestmark = pytest.mark.integration
+
+PNG = image_bytes(64, 48)
+BASE = {"MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0", "MAE_CPU_KERNELS": "stock",
+        "MAE_TORCH_THREADS": "1"}  # fmt: skip
+
+
+def server(weights, module: str = "app.cli", **env: str) -> ServerProcess:
+    return ServerProcess({**BASE, "MAE_WEIGHTS": str(weights), **env}, module=module)
+
+
+def post(url: str, path: str, **params) -> httpx.Response:
+    return httpx.post(url + path, content=PNG, headers={"Content-Type": "image/png"}, params=params, timeout=60)
+
+
+def worker_pids(url: str, tries: int = 40) -> set[int]:
+    """The pids that answer /readyz on fresh connections: the workers serving the port."""
+    pids = set()
+    for _ in range(tries):
+        with httpx.Client() as c:  # a new connection each time: the kernel picks a worker
+            r = c.get(url + "/readyz", timeout=10)
+            if r.status_code == 200:
+                pids.add(r.json()["pid"])
+    return pids
+
+
+def test_workers_answer_as_one_process_does(weights):
+    calls = [
+        ("/v1/reconstruct", {"seed": "3"}),
+        ("/v1/reconstruct", {"seed": "3", "format": "json"}),
+        ("/v1/embed", {"pool": "all"}),
+        ("/v1/embed", {"mask_ratio": "0.5", "seed": "7", "format": "npz"}),
+    ]
+    answers = {}
+    for workers in ("1", "2"):
+        with server(weights, MAE_WORKERS=workers) as s:
+            answers[workers] = [post(s.url, path, **params) for path, params in calls]
+            if workers == "2":
+                pids = worker_pids(s.url)
+                models = httpx.get(s.url + "/v1/models").json()
+                m = s.metrics()
+    for one, two in zip(answers["1"], answers["2"], strict=True):
+        assert one.status_code == two.status_code == 200
+        assert one.content == two.content or one.json() == two.json()
+    assert len(pids) == 2 and s.pid not in pids, pids  # two workers serve; the model process does not
+    assert models["models"][0]["family"] == "mae" and models["models"][0]["max_batch_size"] >= 1
+    assert metric_value(m, "mae_requests_total", route="/v1/reconstruct", status="200") == 2  # shared metrics
+    assert metric_value(m, "mae_images_total", op="embed") == 2  # counted in the model process, seen by a worker
+
+
+def test_batching_stays_global_and_abandoned_work_is_dropped(weights):
+    env = {"MAE_WORKERS": "2", "MAE_TEST_FORWARD_SLEEP_S": "0.6", "MAE_MAX_BATCH_SIZE": "8",
+           "MAE_CPU_MAX_BATCH_SIZE": "8"}  # fmt: skip
+    with server(weights, module="tests.launch", **env) as s:
+        answers: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(post(s.url, "/v1/embed"))) for _ in range(9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        m = s.metrics()
+        sizes = metric_value(m, "mae_batch_size_sum", op="embed"), metric_value(m, "mae_batch_size_count", op="embed")
+        # Abandoned: requests queued behind a slow batch, their clients gone.
+        socks = []
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                         + str(len(PNG)).encode() + b"\r\n\r\n" + PNG)  # fmt: skip
+            socks.append(sock)
+        time.sleep(0.3)
+        for sock in socks:
+            sock.close()
+        time.sleep(2.0)
+        m = s.metrics()
+    assert [r.status_code for r in answers] == [200] * 9
+    assert sizes[0] == 9 and sizes[1] <= 3, sizes  # 9 images in at most 3 forward passes
+    dropped = metric_value(m, "mae_cancelled_images_total", reason="client_closed")
+    computed = metric_value(m, "mae_images_total", op="embed") - 9
+    assert dropped >= 3 and computed + dropped == 6, (dropped, computed)
+    assert metric_value(m, "mae_requests_total", route="/v1/embed", status="499") == 6
+
+
+def test_a_dead_worker_is_replaced_and_sigterm_drains_all(weights):
+    env = {"MAE_WORKERS": "2", "MAE_TEST_FORWARD_SLEEP_S": "0.5", "MAE_MAX_BATCH_SIZE": "1",
+           "MAE_SHUTDOWN_TIMEOUT_S": "20"}  # fmt: skip
+    with server(weights, module="tests.launch", **env) as s:
+        victim = worker_pids(s.url).pop()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = worker_pids(s.url, tries=10)
+            if victim not in now and len(now) == 2:
+                break
+            time.sleep(0.5)
+        assert victim not in now and len(now) == 2, now
+        answers: list = []
+        threads = [threading.Thread(target=lambda: answers.append(post(s.url, "/v1/embed").status_code))
+                   for _ in range(4)]  # fmt: skip
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        t0 = time.monotonic()
+        rc = s.stop(signal.SIGTERM, timeout=60)
+        for t in threads:
+            t.join(30)
+    assert rc == 0, s.tail()
+    assert answers == [200] * 4, answers  # all in flight at SIGTERM were answered
+    assert time.monotonic() - t0 < 20
