@@ -38,6 +38,7 @@ lint: $(VENV)/.installed-dev
 # Benchmarks (BENCHMARKS.md): ceiling, end to end vs the baseline, cold start; ~9 min on 2 cores.
 # ARGS=--pause-training stops the background training job for each step's window.
 bench: $(VENV)/.installed-dev
+	$(BIN)/pip install -q "$(TORCH)" -e ".[bench]"
 	$(BIN)/python -m bench.run_all $(ARGS)
 
 clean:

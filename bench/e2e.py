@@ -29,7 +29,6 @@ from bench.common import (
     RESULTS,
     TRAINING,
     VITB_DIR,
-    cpu_seconds,
     machine,
     paused,
     photos,
@@ -63,6 +62,10 @@ class Server(ServerProcess):
             # cwd: another checkout's app/ (bench/ablation.py); model/ still comes from this repo
             args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--log-level", "warning"]
             super().__init__(env, args=args, cwd=cwd)
+        elif kind.startswith("litserve"):  # litserve-reconstruct | litserve-embed: LitServe serves one API a server
+            args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--op", kind.split("-", 1)[1],
+                    *(f"--{k}={v}" for k, v in env.items())]  # fmt: skip
+            super().__init__({}, command=[PYTHON, str(BENCH / "litserve_server.py")], args=args)
         else:
             args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--style", style]
             super().__init__(env, command=[PYTHON, str(BENCH / "baseline_server.py")], args=args)
@@ -72,6 +75,8 @@ class Server(ServerProcess):
     def label(self) -> str:
         if self._label:
             return self._label
+        if self.kind.startswith("litserve"):
+            return "litserve"
         return f"baseline-{self.style}" if self.kind == "baseline" else "mae-serve"
 
     def start(self, timeout: float = 300.0) -> ServerProcess:  # type: ignore[override]
@@ -128,11 +133,12 @@ def batch_delta(before: dict, after: dict, op: str) -> dict[str, Any]:
 
 
 def run_level(server: Server, endpoint: str, payloads: list[bytes], conc: int, args: argparse.Namespace) -> dict:
+    """One closed-loop level. `endpoint`: the operation (reconstruct | embed) the server's metrics count it under."""
     pid = server.proc.pid  # type: ignore[union-attr]
 
     async def probe() -> dict:
         d: dict[str, Any] = {
-            "cpu_s": cpu_seconds(pid),
+            "cpu_s": server.cpu_seconds(),  # every process of the server (MAE_WORKERS > 1: the workers too)
             "sys_s": system_busy_s(),
             "self_s": time.process_time(),
             "t": time.perf_counter(),
@@ -163,6 +169,9 @@ def run_level(server: Server, endpoint: str, payloads: list[bytes], conc: int, a
     p0, p1 = res.probes
     dt = p1["t"] - p0["t"]
     row["server_cpu_pct"] = 100.0 * (p1["cpu_s"] - p0["cpu_s"]) / dt
+    row["server_cpu_ms_per_image"] = (
+        1e3 * row["server_cpu_pct"] / 100.0 / row["images_per_s"] if row["images_per_s"] else None
+    )
     # Everything else the machine ran meanwhile (other jobs, colleagues' tests): high = a noisy measurement.
     foreign = (p1["sys_s"] - p0["sys_s"]) - (p1["cpu_s"] - p0["cpu_s"]) - (p1["self_s"] - p0["self_s"])
     row["foreign_cpu_pct"] = max(0.0, 100.0 * foreign / dt)

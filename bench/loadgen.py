@@ -30,6 +30,14 @@ def multipart_request(host: str, port: int, path: str, name: str, data: bytes, c
     return head.encode() + body
 
 
+def json_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: mae-bench\r\nAccept: */*\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def get_request(host: str, port: int, path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: mae-bench\r\n\r\n".encode()
 

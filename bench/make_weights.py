@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import DEMO_RANDOM, VITB_DIR
+from bench.common import DEMO_RANDOM, NULL, SMALL, VITB_DIR
 
 
 def make_vitb(force: bool = False) -> None:
@@ -52,12 +52,37 @@ def make_demo(force: bool = False) -> None:
     print(f"wrote {DEMO_RANDOM}")
 
 
+def make_null_and_small(force: bool = False) -> None:
+    """The host-path benchmark's models (bench/host_path.py): random weights, the paper's input and patch size."""
+    import torch
+
+    from model import MAE, get_config
+    from model.formats import save
+
+    base = get_config("mae_vit_base_patch16")
+    shapes = {
+        NULL: dict(name="null", embed_dim=16, depth=1, num_heads=1, decoder_embed_dim=16, decoder_depth=1,
+                   decoder_num_heads=1),
+        SMALL: dict(name="small", embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+                    decoder_num_heads=4),
+    }  # fmt: skip
+    for path, changes in shapes.items():
+        if path.exists() and not force:
+            print(f"exists: {path}")
+            continue
+        torch.manual_seed(0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(MAE(base.replace(**changes)), path)
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--force", action="store_true", help="rewrite even if present")
     args = ap.parse_args(argv)
     make_vitb(args.force)
     make_demo(args.force)
+    make_null_and_small(args.force)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""The host path: what the server costs per image when the model costs nothing, and how it compares with peers.
+
+    python -m bench.host_path [--parts null,gil,peers,hog] [--models small,vitb] [--pause-training]
+
+Parts (each writes its rows into bench/results/host_path.json; every server is a subprocess on loopback, driven by
+bench/loadgen.py's closed loop, 8 clients unless said otherwise):
+
+- null:  the null model (bench/make_weights.py: 224 px, 16 wide, 1 deep; compute ~0): images/s and the server's
+         CPU-ms per image (every process of it, from /proc), per endpoint and answer format, MAE_WORKERS 1 and 2.
+- gil:   py-spy --gil on the one-process server under the same load: the GIL-held milliseconds per image.
+- peers: a small ViT (192 wide, 4 deep) and ViT-B/16: mae-serve (1 and 2 workers), LitServe (bench/litserve_server.py,
+         its documented dynamic batching) and the FastAPI + transformers baseline, all with the same weights and the
+         same input (JSON, base64 image), reconstruct (PNG of the paste view) and embed (CLS); beside them the
+         in-process pipeline ceiling (decode -> batch -> model -> encode, no HTTP, two decode threads, best batch)
+         and the bare model's best batch (bench/ceiling.py).
+- hog:   the small ViT's reconstruct, quiet and with a busy loop pinned to one of the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.common import NULL, PYTHON, SMALL, TRAINING, VITB_DIR, machine, paused, photos, table, write_json
+from bench.e2e import HOST, Server, measure
+
+NULL_ROUTES = [  # (label, path, op)
+    ("reconstruct png", "/v1/reconstruct?mask_ratio=0.75", "reconstruct"),
+    ("reconstruct json", "/v1/reconstruct?mask_ratio=0.75&format=json", "reconstruct"),
+    ("embed cls json", "/v1/embed?pool=cls", "embed"),
+    ("embed all json", "/v1/embed?pool=all", "embed"),
+    ("embed npz", "/v1/embed?format=npz", "embed"),
+]
+MODELS = {"small": SMALL, "vitb": VITB_DIR, "null": NULL}
+
+
+def multipart(server: Server, path: str, pics: list[tuple[str, bytes]]) -> list[bytes]:
+    return [loadgen.multipart_request(HOST, server.port, path, n, d, "image/jpeg") for n, d in pics]
+
+
+def json_bodies(server: Server, path: str, pics: list[tuple[str, bytes]]) -> list[bytes]:
+    return [
+        loadgen.json_request(HOST, server.port, path, json.dumps({"image": base64.b64encode(d).decode()}).encode())
+        for _, d in pics
+    ]
+
+
+def level(server: Server, label: str, op: str, payloads: list[bytes], conc: int, args: argparse.Namespace) -> dict:
+    row = measure(server, op, payloads, conc, args)
+    row.update(route=label, workers=server.env.get("MAE_WORKERS", "1"))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- parts
+def part_null(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
+    rows = []
+    for workers in args.workers.split(","):
+        server = Server("mae", str(NULL), {"MAE_WORKERS": workers})
+        server.start()
+        try:
+            for label, path, op in NULL_ROUTES:
+                rows.append(level(server, label, op, multipart(server, path, pics), args.clients, args))
+        finally:
+            server.stop()
+    return rows
+
+
+def part_gil(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
+    """GIL-held ms per image: py-spy --gil samples only the thread holding the GIL; samples / rate = seconds held."""
+    rows = []
+    server = Server("mae", str(NULL), {"MAE_WORKERS": "1"})
+    server.start()
+    try:
+        for label, path, _ in NULL_ROUTES[:1] + NULL_ROUTES[2:3]:
+            payloads = multipart(server, path, pics)
+            asyncio.run(loadgen.closed_loop(HOST, server.port, payloads, args.clients, warmup_s=2, duration_s=1))
+            out = Path(tempfile.mkstemp(suffix=".raw")[1])
+            rate, seconds = 100, args.duration
+            spy_cmd = [str(Path(PYTHON).parent / "py-spy"), "record", "--gil", "-p", str(server.pid), "-r", str(rate),
+                       "-d", str(seconds), "-f", "raw", "-o", str(out)]  # fmt: skip
+            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            t0 = time.perf_counter()
+            res = asyncio.run(
+                loadgen.closed_loop(HOST, server.port, payloads, args.clients, warmup_s=0.1, duration_s=seconds)
+            )
+            elapsed = time.perf_counter() - t0
+            spy.wait()
+            samples = sum(int(line.rpartition(" ")[2]) for line in out.read_text().splitlines() if line.strip())
+            images = sum(1 for r in res.records if r.status == 200 and r.end - t0 <= seconds)
+            rows.append(
+                {
+                    "route": label,
+                    "images": images,
+                    "gil_held_s": samples / rate,
+                    "gil_ms_per_image": 1e3 * samples / rate / images if images else None,
+                    "gil_share_of_wall": samples / rate / min(elapsed, seconds),
+                }
+            )
+            print(f"  gil {label}: {rows[-1]['gil_ms_per_image']:.2f} ms/image held", flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
+def part_peers(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
+    rows = []
+    for name in args.models.split(","):
+        weights = str(MODELS[name])
+        for op, path in (("reconstruct", "/v1/reconstruct?mask_ratio=0.75&seed=3"), ("embed", "/v1/embed?pool=cls")):
+            servers = [
+                Server("mae", weights, {"MAE_WORKERS": w}, label=f"mae-serve w{w}") for w in args.workers.split(",")
+            ]
+            servers.append(Server(f"litserve-{op}", weights, {"max-batch-size": "4", "batch-timeout": "0.005"}))
+            if name == "vitb":
+                servers.append(Server("baseline", weights, {}, "async"))
+            for server in servers:
+                server.start()
+                try:
+                    url = f"/{op}" if server.kind.startswith("litserve") else path
+                    payloads = json_bodies(server, url, pics)
+                    row = level(server, op, op, payloads, args.clients, args)
+                    row.update(model=name, op=op)
+                    rows.append(row)
+                finally:
+                    server.stop()
+            rows.append(
+                {"model": name, "op": op, "server": "in-process pipeline", **pipeline_ceiling(weights, op, pics)}
+            )
+            rows.append({"model": name, "op": op, "server": "bare model", **bare_best(weights, op)})
+    return rows
+
+
+def part_hog(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
+    rows = []
+    for threads in ("0", "2"):
+        server = Server("mae", str(SMALL), {"MAE_TORCH_THREADS": threads}, label=f"mae-serve threads={threads}")
+        server.start()
+        try:
+            payloads = json_bodies(server, "/v1/reconstruct?mask_ratio=0.75&seed=3", pics)
+            quiet = level(server, "reconstruct quiet", "reconstruct", payloads, args.clients, args)
+            hog = subprocess.Popen(["taskset", "-c", "0", PYTHON, "-c", "while True: pass"])
+            try:
+                time.sleep(0.5)
+                args_hog = argparse.Namespace(**{**vars(args), "max_other_cpu": 1000.0})  # the hog is the point
+                busy = level(server, "reconstruct with a hog", "reconstruct", payloads, args.clients, args_hog)
+            finally:
+                hog.kill()
+                hog.wait()
+        finally:
+            server.stop()
+        busy["vs_quiet"] = busy["images_per_s"] / quiet["images_per_s"]
+        rows += [quiet, busy]
+        print(f"  hog, torch threads {threads}: {busy['vs_quiet']:.2f} of quiet", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: int = 96) -> dict[str, Any]:
+    """decode -> batch -> model -> encode in this process, no HTTP: two threads decode and encode (as the server's
+    I/O pool does, Pillow and zlib release the GIL) while the model thread runs batch after batch; best batch."""
+    import torch
+
+    from app import imaging, model_thread, render
+    from app.cpus import configure_torch_threads
+    from app.jsonio import dumps
+    from app.registry import Registry
+    from app.settings import Settings
+    from model.masking import Masking, len_keep_for_ratio, random_noise
+
+    configure_torch_threads(0, on_gpu=False)
+    registry = model_thread.run(Registry.from_settings, Settings(weights=weights))
+    entry = next(iter(registry.entries.values()))
+    c = entry.config
+    best: dict[str, Any] = {}
+    for b in (1, 2, 4, 8):
+        with ThreadPoolExecutor(2) as pool:
+
+            def prep(data: bytes) -> Any:
+                return imaging.preprocess(imaging.decode(data, 10**9), c.img_size)
+
+            def encode(r: Any, image: Any) -> bytes:
+                if op == "embed":
+                    return dumps({"cls": r.cls})
+                from app.pipeline import Reconstructed
+
+                return render.encode_png(render.view(Reconstructed(entry, image, r, 3), "paste"))
+
+            t0 = time.perf_counter()
+            pending = []
+            images = [pool.submit(prep, pics[i % len(pics)][1]) for i in range(n)]
+            for start in range(0, n, b):
+                batch = [f.result() for f in images[start : start + b]]
+                masking = None
+                if op == "reconstruct":
+                    nb, length = len(batch), c.num_patches
+                    masking = Masking(random_noise(nb, length, seed=3), len_keep_for_ratio(length, 0.75))
+                out = model_thread.run(model_thread.compute, model_thread.forward, entry, op, batch, masking)
+                pending += [pool.submit(encode, r, im) for r, im in zip(out, batch, strict=True)]
+            for f in pending:
+                f.result()
+            rate = n / (time.perf_counter() - t0)
+        if not best or rate > best["images_per_s"]:
+            best = {"images_per_s": rate, "batch": b}
+    torch.set_num_threads(torch.get_num_threads())
+    return best
+
+
+def bare_best(weights: str, op: str) -> dict[str, Any]:
+    from bench.ceiling import Bare
+
+    bare = Bare(weights, "auto", threads=0)
+    best: dict[str, Any] = {}
+    for b in (1, 2, 4, 8):
+        r = bare.measure(op, b, min_time=1.5, min_iters=3)
+        if not best or r["images_per_s"] > best["images_per_s"]:
+            best = {"images_per_s": r["images_per_s"], "batch": b}
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="null,gil,peers,hog")
+    ap.add_argument("--models", default="small,vitb")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--min-rounds", type=float, default=6.0)
+    ap.add_argument("--max-window", type=float, default=30.0)
+    ap.add_argument("--max-requests", type=int, default=5000)
+    ap.add_argument("--max-other-cpu", type=float, default=15.0)
+    ap.add_argument("--retries", type=int, default=1)
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--pause-training", action="store_true")
+    ap.add_argument("--out", default="host_path")
+    args = ap.parse_args(argv)
+    pics = photos(args.images)
+    result: dict[str, Any] = {"benchmark": "host_path", "machine": machine(), "settings": vars(args)}
+    parts = {"null": part_null, "gil": part_gil, "peers": part_peers, "hog": part_hog}
+    for part in args.parts.split(","):
+        print(f"[bench] host path: {part}", flush=True)
+        with paused(TRAINING if args.pause_training else None):
+            result[part] = parts[part](args, pics)
+    cols = [
+        ("route", "route", ""),
+        ("workers", "workers", ""),
+        ("images_per_s", "images/s", ".1f"),
+        ("server_cpu_ms_per_image", "server CPU ms/image", ".2f"),
+        ("latency_ms_p50", "p50 ms", ".0f"),
+        ("server_cpu_pct", "server CPU %", ".0f"),
+        ("foreign_cpu_pct", "other %", ".0f"),
+    ]
+    if "null" in result:
+        print(table(result["null"], cols, "null model"))
+    if "peers" in result:
+        pc = [("model", "model", ""), ("op", "op", ""), ("server", "server", ""), ("images_per_s", "images/s", ".1f"),
+              ("server_cpu_ms_per_image", "CPU ms/image", ".2f"), ("batch", "batch", "")]  # fmt: skip
+        print(table(result["peers"], pc, "peers"))
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
