@@ -73,11 +73,12 @@ def create_app(
 
             try:
                 grpc_server = await grpc.start(settings, readiness)
-            except OSError as e:
+            except OSError as e:  # the port is taken: mae-serve exits 1 with this one line
                 failed(str(e))
-                raise
         task = None
-        if load_in_background:
+        if readiness.startup_error is not None:
+            pass  # the gRPC port is taken: no model to load, the server is on its way out
+        elif load_in_background:
             task = asyncio.create_task(load())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # reported by `failed`; not re-logged
         else:
