@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from app import metrics
@@ -165,12 +166,19 @@ def write(r: tensors.Response, entry: ModelEntry) -> Any:
 
 # ---------------------------------------------------------------------------------------------- the server
 def _rpc(name: str, fn: Callable[[Any, Context], Awaitable[Any]], request: Any, response: Any) -> Any:
-    """One method: its errors as gRPC statuses with our messages, counted in mae_requests_total like HTTP's."""
+    """One method: its errors as gRPC statuses with our messages, counted in mae_requests_total like HTTP's.
+
+    The request is parsed here, not by grpcio, so that bytes that are no such message are INVALID_ARGUMENT (grpcio
+    answers a failing deserializer with INTERNAL)."""
     route = f"/{SERVICE}/{name}"
 
-    async def handler(msg: Any, context: Context) -> Any:
+    async def handler(raw: bytes, context: Context) -> Any:
         t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
+            try:
+                msg = request.FromString(raw)
+            except DecodeError as e:
+                raise bad(f"not a {request.DESCRIPTOR.name}: {e}") from None
             return await fn(msg, context)
         except APIError as e:
             e = contract.as_v2(e)
@@ -188,9 +196,7 @@ def _rpc(name: str, fn: Callable[[Any, Context], Awaitable[Any]], request: Any, 
             metrics.REQUESTS.labels(route, code.name).inc()
             metrics.LATENCY.labels(route).observe(time.perf_counter() - t0)
 
-    return grpc.unary_unary_rpc_method_handler(
-        handler, request_deserializer=request.FromString, response_serializer=response.SerializeToString
-    )
+    return grpc.unary_unary_rpc_method_handler(handler, response_serializer=response.SerializeToString)
 
 
 def handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
