@@ -40,6 +40,7 @@ def auth() -> dict[str, str]:
 def grpc_auth() -> dict[str, str]:
     return {"authorization": f"Bearer {KEY}"}  # gRPC metadata keys are lower case
 
+
 PNG = image_bytes(48, 40)
 PNG2 = image_bytes(40, 56, seed=1)
 MAX_GRPC_MESSAGE = 64 * 1024
