@@ -130,6 +130,7 @@ def test_malformed_rest_headers_get_a_clear_400(client):
         (b"\xff\xfe", {}, 400, "not valid JSON"),
         (b'"just a string"', {}, 400, "inference header"),
         (ok_body, {**ok_headers, "Content-Encoding": b"gzip"}, 415, "Content-Encoding 'gzip'"),
+        (ok_body, {**ok_headers, "X-MAE-Deadline-Ms": b"soon"}, 400, "X-MAE-Deadline-Ms"),
     ]  # fmt: skip
     for body, headers, status, part in cases:
         answered(client.post(INFER, content=body, headers=headers), status, part)

@@ -142,11 +142,11 @@ async def infer_route(
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise APIError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported: send it plain")
-    deadline = deadline_of(request)
     body = await request.body()
     loop = asyncio.get_running_loop()
     header_length, max_images = request.headers.get(tensors.HEADER_LENGTH), service.settings.max_images_per_request
     try:
+        deadline = deadline_of(request)  # X-MAE-Deadline-Ms, as on /v1
         req = await loop.run_in_executor(service.io_pool, tensors.read_rest, body, header_length, max_images)
         if req.model_name not in (None, entry.name) or req.model_version not in (None, "", contract.VERSION):
             raise contract.bad("the body names another model or version than the URL")
