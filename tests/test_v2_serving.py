@@ -74,6 +74,7 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
             ("v2", "/v2/models/tiny/infer", body, headers),
         ]
         threads = [threading.Thread(target=post, args=c) for c in calls]
+        before = httpx.get(url + "/metrics").text  # in-process: the metrics hold this test session's other servers too
         threads[0].start()
         while not batches:
             time.sleep(0.01)
@@ -85,9 +86,12 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
             t.join(30)
         assert batches == [1, 2], batches
         assert {k: r.status_code for k, r in results.items()} == {"blocker": 200, "v1": 200, "v2": 200}
-        text = httpx.get(url + "/metrics").text
-        assert metric_value(text, "mae_batch_size_count", op="embed") == 2  # two passes for three requests
-        assert metric_value(text, "mae_batch_size_sum", op="embed") == 3
+        after = httpx.get(url + "/metrics").text
+
+        def delta(name: str) -> float:
+            return metric_value(after, name, op="embed") - metric_value(before, name, op="embed")
+
+        assert delta("mae_batch_size_count") == 2 and delta("mae_batch_size_sum") == 3  # 2 passes, 3 requests
         v1_cls = np.asarray(results["v1"].json()["cls"], dtype=np.float32)
         v2_out = next(o for o in json_header(results["v2"])["outputs"] if o["name"] == "cls")
         np.testing.assert_allclose(np.asarray(v2_out["data"], dtype=np.float32), v1_cls, rtol=1e-5, atol=1e-5)
