@@ -194,6 +194,32 @@ def test_explicit_mask_and_several_images(server, http):
         assert np.abs(r.as_numpy("paste")[i].astype(int) - want).max() <= 1
 
 
+def test_embedding_and_pixel_outputs_together_run_both_passes_on_one_mask(server, http):
+    outputs = [thttp.InferRequestedOutput(n) for n in ("cls", "patch_indices", "paste", "mask")]
+    r = http.infer(MODEL, [http_image(PNG)], model_version="1", headers=auth(), parameters={"seed": 4}, outputs=outputs)
+    assert r.get_response()["parameters"] == {"seed": 4, "mask_ratio": 0.75}  # a pixel output: /v1's 0.75
+    embed = v1(server, "/v1/embed", mask_ratio=0.75, seed=4).json()  # the encoder on the visible patches
+    recon = v1(server, "/v1/reconstruct", format="json", seed=4).json()
+    np.testing.assert_allclose(r.as_numpy("cls")[0], embed["cls"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(r.as_numpy("patch_indices")[0], embed["patch_indices"])
+    np.testing.assert_array_equal(r.as_numpy("paste")[0], png_pixels(recon["images"]["paste"]))
+    assert np.flatnonzero(r.as_numpy("mask")[0]).tolist() == recon["mask"]
+    text = server.metrics()
+    assert 'mae_requests_total{route="/v2/models/{model_name}/versions/{model_version}/infer",status="200"}' in text
+
+
+def test_a_json_body_carries_images_as_base64(server, http):
+    """No binary data at all: each BYTES element is the image in base64, every output JSON."""
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(PNG).decode()]}],
+            "outputs": [{"name": "mean"}], "parameters": {"seed": 1}}  # fmt: skip
+    r = httpx.post(server.url + "/v2/models/tiny/infer", json=body, headers=auth(), timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    (out,) = r.json()["outputs"]
+    want = http.infer(MODEL, [http_image(PNG)], outputs=[thttp.InferRequestedOutput("mean")], headers=auth())
+    assert out["datatype"] == "FP32" and out["shape"] == [1, 32]
+    np.testing.assert_array_equal(np.asarray(out["data"], dtype=np.float32), want.as_numpy("mean").ravel())
+
+
 # ------------------------------------------------------------------------------------------------ asyncio, concurrency
 def test_async_and_concurrent_calls_match_sequential_ones(server, http, grpc):
     seeds = list(range(10, 18))
