@@ -61,7 +61,7 @@ def server(weights):
         "MAE_GRPC_MAX_MESSAGE_BYTES": str(MAX_GRPC_MESSAGE),
     }
     with ServerProcess(env) as s:
-        s.grpc = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+        s.grpc = f"127.0.0.1:{grpc_port}"
         yield s
 
 
