@@ -148,7 +148,8 @@ def test_overload_is_503_with_retry_after_and_grpc_unavailable(weights):
 
 
 def test_sigterm_drains_grpc_and_http_in_flight_and_refuses_new_calls(weights):
-    srv = slow_server(weights, MAE_TEST_FORWARD_SLEEP_S="0.4", MAE_SHUTDOWN_TIMEOUT_S="10")
+    # 1 s a pass: the three requests (two gRPC channels, one HTTP) reach the queue while the first computes
+    srv = slow_server(weights, MAE_TEST_FORWARD_SLEEP_S="1.0", MAE_SHUTDOWN_TIMEOUT_S="10")
     proc = srv.start().proc
     try:
         srv.wait_ready()

@@ -20,6 +20,7 @@ from app.v2.contract import Plan, Scalar
 from app.v2.tensors import Output, Request, Response
 
 T = TypeVar("T")
+_VIEWS: dict[str, render.View] = {"reconstruction": "reconstruction", "paste": "paste", "masked": "masked"}
 
 
 async def infer(service: Service, entry: ModelEntry, req: Request, deadline: float | None) -> Response:
@@ -83,23 +84,23 @@ def assemble(
     out = []
     for name, binary in zip(plan.outputs, plan.binary, strict=True):
         if name in ("cls", "mean", "patches"):
-            arrays = [getattr(e.out, name).numpy() for e in embeds]
+            arrays = [getattr(e.out, name) for e in embeds]
             out.append(Output(name, "FP16" if fp16 else "FP32", stack(arrays, floats), binary))
         elif name == "patch_indices":
-            out.append(Output(name, "INT64", stack([e.out.patch_indices.numpy() for e in embeds], np.int64), binary))
+            out.append(Output(name, "INT64", stack([e.out.patch_indices for e in embeds], np.int64), binary))
         elif name == "mask":
             if recons:
-                masks = [r.out.mask.numpy() for r in recons]
+                masks = [r.out.mask for r in recons]
             else:  # the encoder pass: every patch not among the visible ones is masked
                 masks = []
                 for e in embeds:
                     m = np.ones(num_patches, dtype=np.uint8)
-                    m[e.out.patch_indices.numpy()] = 0
+                    m[e.out.patch_indices] = 0
                     masks.append(m)
             out.append(Output(name, "UINT8", stack(masks, np.uint8), binary))
         elif name == "mse":
             out.append(Output(name, "FP32", np.asarray([r.out.mse for r in recons], dtype=np.float32), binary))
-        else:  # reconstruction, paste, masked: exactly the pixels of /v1's PNG views
-            views = [render.to_uint8(getattr(r.out, name)) for r in recons]
+        else:  # reconstruction, paste, masked: /v1's PNG views, drawn by the same code
+            views = [render.view(r, _VIEWS[name]) for r in recons]
             out.append(Output(name, "UINT8", stack(views, np.uint8), binary))
     return out

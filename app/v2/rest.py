@@ -24,7 +24,7 @@ from app.auth import require_api_key
 from app.errors import APIError
 from app.params import _deadline as deadline_of
 from app.registry import ModelEntry
-from app.service import Readiness, Service, get_readiness, get_service
+from app.service import Readiness, Service, get_service, readiness
 from app.v2 import contract, infer, schemas, tensors
 
 SERVER = "mae-serve"
@@ -79,7 +79,7 @@ async def live() -> dict[str, bool]:
     response_model=schemas.Ready,
     responses={503: {"model": schemas.Ready}},
 )
-async def ready(r: Annotated[Readiness, Depends(get_readiness)]) -> Response:
+async def ready(r: Annotated[Readiness, Depends(readiness)]) -> Response:
     if r.ready:
         return JSONResponse({"ready": True})
     return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})

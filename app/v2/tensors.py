@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from app import jsonio
 from app.v2 import contract, schemas
 from app.v2.contract import Requested, Scalar, bad
 
@@ -171,14 +171,14 @@ def write_rest(r: Response, model_version: str) -> tuple[bytes, int | None]:
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = o.array.ravel().tolist()
+            entry["data"] = o.array.ravel()  # orjson writes numpy arrays as they are
         outputs.append(entry)
     header: dict[str, Any] = {"model_name": r.model_name, "model_version": model_version}
     if r.id is not None:
         header["id"] = r.id
     header["parameters"] = r.parameters
     header["outputs"] = outputs
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = jsonio.dumps(header)
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)
