@@ -1,4 +1,4 @@
-"""Who may call what: bearer API keys on /v1 (and /metrics when asked)."""
+"""Who may call what: bearer API keys on /v1 and /v2 (HTTP and gRPC), and /metrics when asked."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from app.service import get_readiness
 
 
 async def require_api_key(request: Request) -> None:
-    """With MAE_API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`. (async: FastAPI would run a plain
-    function dependency in a worker thread, a hop per request for microseconds of work.)"""
-    keys = get_readiness(request).settings.api_key_list
+    """With MAE_API_KEYS set, every /v1 and /v2 route needs `Authorization: Bearer <key>`. (async: FastAPI would run a
+    plain function dependency in a worker thread, a hop per request for microseconds of work.)"""
+    check_bearer(get_readiness(request).settings.api_key_list, request.headers.get("authorization", ""))
+
+
+def check_bearer(keys: list[str], authorization: str) -> None:
+    """An `Authorization` value (HTTP header, gRPC metadata) against the API keys; 401 unless one matches."""
     if not keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise APIError(
             401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}

@@ -37,6 +37,7 @@ def parse(argv: list[str] | None) -> Settings:
     )
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
+    ap.add_argument("--grpc-port", type=int, help="the Open Inference Protocol over gRPC on this port (off if unset)")
     ap.add_argument("--weights", help="a weights path, or name=path,name2=path2")
     ap.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")

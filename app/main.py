@@ -26,9 +26,11 @@ from app.registry import ModelLoadError
 from app.routes import embed, health, models, page, reconstruct
 from app.service import Readiness
 from app.settings import Settings
+from app.v2 import rest as v2_rest
 
 log = logging.getLogger("mae.serve")
-PROBES = ("/healthz", "/readyz", "/metrics")  # outside the concurrency limit: orchestrators must always get an answer
+# Outside the concurrency limit: orchestrators must always get an answer.
+PROBES = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 def create_app(
@@ -72,8 +74,18 @@ def create_app(
                 failed(f"{type(e).__name__}: {e}")
                 raise
 
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from app.v2 import grpc  # grpcio and the protocol's messages load only when gRPC is on
+
+            try:
+                grpc_server = await grpc.start(settings, readiness)
+            except OSError as e:  # the port is taken: mae-serve exits 1 with this one line
+                failed(str(e))
         task = None
-        if load_in_background:
+        if readiness.startup_error is not None:
+            pass  # the gRPC port is taken: no model to load, the server is on its way out
+        elif load_in_background:
             task = asyncio.create_task(load())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # reported by `failed`; not re-logged
         else:
@@ -84,6 +96,8 @@ def create_app(
             readiness.draining = True
             if task and not task.done():
                 task.cancel()
+            if grpc_server is not None:  # in-flight RPCs finish (the drain budget), then the engine closes
+                await grpc_server.stop(settings.shutdown_timeout_s)
             if readiness.service is not None:
                 await readiness.service.engine.close(settings.shutdown_timeout_s)
             io_pool.shutdown(wait=False, cancel_futures=True)
@@ -99,10 +113,13 @@ def create_app(
     app.include_router(reconstruct.router)
     app.include_router(embed.router)
     app.include_router(models.router)
+    app.include_router(v2_rest.router)
     page.mount(app)
     errors.install(app)
     if settings.api_key_list:
-        _declare_bearer(app, lambda p: p.startswith("/v1/") or (p == "/metrics" and settings.metrics_require_key))
+        keyed = ("/v1/", "/v2/models/")  # and /v2 itself; not the probes
+        metrics_keyed = settings.metrics_require_key
+        _declare_bearer(app, lambda p: p.startswith(keyed) or p == "/v2" or (p == "/metrics" and metrics_keyed))
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -113,6 +130,7 @@ def create_app(
         )
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(Lifecycle, inflight=readiness.inflight, retry_after_s=settings.retry_after_s, exempt=PROBES)
+    app.add_middleware(v2_rest.V2ErrorShape)  # outermost: every /v2 error answer, whoever gave it, in v2's shape
     return app
 
 

@@ -248,7 +248,7 @@ class Server(uvicorn.Server):
         if not self.should_exit:
             self.state.draining = True
             if self.loop is not None:  # a signal handler: hand the timer to the loop the thread-safe way
-                self.loop.call_soon_threadsafe(self.state.inflight.drain, self.drain_s)
+                self.loop.call_soon_threadsafe(self.state.drain, self.drain_s)
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: Any = None) -> None:

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from fastapi import Request
@@ -55,10 +56,18 @@ class Readiness:
     service: Service | None = None
     draining: bool = False
     startup_error: str | None = None
+    on_drain: list[Callable[[float], None]] = field(default_factory=list)  # other front-ends' graceful stops (gRPC)
 
     @property
     def ready(self) -> bool:
         return self.service is not None and not self.draining
+
+    def drain(self, budget_s: float) -> None:
+        """At the shutdown signal, on the event loop: what is not answering `budget_s` from now gets 503, and every
+        other front-end starts its own graceful stop with the same budget."""
+        self.inflight.drain(budget_s)
+        for hook in self.on_drain:
+            hook(budget_s)
 
 
 def get_readiness(request: Request) -> Readiness:

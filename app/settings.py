@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         "auto", description="event loop: uvloop (auto, where installed) or the standard library's asyncio"
     )
 
+    # --- the Open Inference Protocol's gRPC front-end (app/v2/grpc.py); REST /v2 is always on the HTTP port
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="gRPC (v2 GRPCInferenceService) port; off if unset")
+    grpc_max_message_bytes: int | None = Field(
+        None, ge=1024, description="largest gRPC request message; unset = MAE_MAX_BODY_BYTES"
+    )
+
     # --- security and lifecycle
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")
     metrics_require_key: bool = Field(False, description="with MAE_API_KEYS set, /metrics needs a key too")

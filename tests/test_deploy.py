@@ -33,6 +33,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
+KSERVE = ROOT / "deploy" / "kserve"
 SMOKE = ROOT / "scripts" / "gpu_smoke.py"
 
 # The MAE_* settings of the service contract (pydantic-settings, prefix MAE_); the app's Settings class, when it
@@ -740,7 +741,7 @@ def test_no_workers_setting_anywhere():
 def test_deploy_settings_exist_in_the_app():
     """Every MAE_* variable the deploy files set is a setting of the app (a typo would be silently ignored)."""
     used = set(re.findall(r"\bMAE_[A-Z0-9_]+", DOCKERFILE.read_text() + COMPOSE.read_text()))
-    for path in K8S.glob("*.yaml"):
+    for path in [*K8S.glob("*.yaml"), *KSERVE.glob("*.yaml")]:
         used |= set(re.findall(r"\bMAE_[A-Z0-9_]+", path.read_text()))
     used -= {"MAE_PUBLISH", "MAE_WEIGHTS_DIR"}  # compose's own interpolation variables, not server settings
     assert not used - settings_names(), f"not settings of app.settings.Settings: {sorted(used - settings_names())}"
@@ -757,6 +758,99 @@ def test_kubernetes_validate_schemas():
                 kv.validate(doc, version, strict=True)
             except kv.ValidationError as e:
                 pytest.fail(f"{name}: {doc['kind']} does not validate against Kubernetes {version}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KServe (deploy/kserve/): an InferenceService is a CRD, so no Kubernetes schema knows it. Its fields are checked
+# against KServe's own generated client models (kserve/models/*.py, their attribute_map), read as source: importing
+# kserve registers its protobuf package `inference`, which tritonclient's (tests/test_v2_*.py) already holds in this
+# process. What a predictor shares with a Pod (containers, volumes, security...) is validated as a Pod, strictly.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@cache
+def kserve_fields(model: str) -> set[str]:
+    """The JSON field names of one KServe model class (e.g. v1beta1_predictor_spec), from its source."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("kserve")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("kserve is not installed (make test installs it: pip install --no-deps kserve==0.21.0)")
+    source = Path(spec.submodule_search_locations[0], "models", f"{model}.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "attribute_map" for t in node.targets):
+            return set(ast.literal_eval(node.value).values())
+    raise AssertionError(f"no attribute_map in kserve/models/{model}.py")
+
+
+@cache
+def kserve_docs() -> dict[str, dict]:
+    yaml = yaml_module()
+    return {d["kind"]: d for p in sorted(KSERVE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d}
+
+
+def isvc() -> tuple[dict, dict]:
+    predictor = kserve_docs()["InferenceService"]["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    return predictor, container
+
+
+def test_kserve_inference_service_fields_are_kserve_fields():
+    doc = kserve_docs()["InferenceService"]
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert set(doc["spec"]) <= kserve_fields("v1beta1_inference_service_spec")
+    predictor, container = isvc()
+    unknown = set(predictor) - kserve_fields("v1beta1_predictor_spec")
+    assert not unknown, f"not fields of a KServe PredictorSpec: {sorted(unknown)}"
+    # RawDeployment: a plain Deployment, so one container can serve HTTP and gRPC (Knative allows one port).
+    assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+def test_kserve_predictor_validates_as_a_pod():
+    kv = pytest.importorskip("kubernetes_validate", reason=f"not installed ({INSTALL_HINT['kubernetes-validate']})")
+    from kubernetes_validate.utils import latest_version
+
+    predictor, _ = isvc()
+    kserve_only = kserve_fields("v1beta1_component_extension_spec") | {"model", "workerSpec"}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "mae-serve-predictor"},
+           "spec": {k: v for k, v in predictor.items() if k not in kserve_only}}  # fmt: skip
+    for version in (K8S_MIN_VERSION, latest_version()):
+        kv.validate(pod, version, strict=True)
+        kv.validate(kserve_docs()["Service"], version, strict=True)
+
+
+def test_kserve_ports_probes_gpu_and_drain():
+    predictor, c = isvc()
+    env = container_env(c)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert list(ports) == ["http1", "h2c"], "KServe's names: http1 (HTTP/1.1, first: the Service's port) and h2c"
+    assert int(env["MAE_PORT"]) == ports["http1"] and int(env["MAE_GRPC_PORT"]) == ports["h2c"]
+    assert env["MAE_HOST"] == "0.0.0.0"
+    assert int(env["MAE_GRPC_MAX_MESSAGE_BYTES"]) >= 1024
+    from app.main import PROBES
+
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):  # fmt: skip
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and get["port"] == "http1", (probe, get)
+        assert path in PROBES, f"{path} is outside the concurrency limit and needs no key"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 == c["resources"]["requests"]["nvidia.com/gpu"]
+    m = re.search(r"sleep\(?\s*(\d+(?:\.\d+)?)", " ".join(c["lifecycle"]["preStop"]["exec"]["command"]))
+    assert m and predictor["terminationGracePeriodSeconds"] > float(m.group(1)) + int(env["MAE_SHUTDOWN_TIMEOUT_S"])
+    grpc_service = kserve_docs()["Service"]
+    (port,) = grpc_service["spec"]["ports"]
+    assert port["targetPort"] == "h2c" and port["appProtocol"] == "kubernetes.io/h2c"
+    name = kserve_docs()["InferenceService"]["metadata"]["name"]
+    assert grpc_service["spec"]["selector"] == {"serving.kserve.io/inferenceservice": name}
+
+
+def test_kserve_model_name_is_a_v1_model_name():
+    _, c = isvc()
+    from app.settings import Settings
+
+    names = [n for n, _ in Settings(weights=container_env(c)["MAE_WEIGHTS"]).weight_specs()]
+    assert names == ["mae-large"]  # the name in /v2/models/{name} and in /v1/models
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""/v2 on the HTTP port: the Open Inference Protocol's REST routes, under /v1's API keys, limits and metrics.
+
+    GET  /v2                                          server metadata (extensions: binary_tensor_data)
+    GET  /v2/health/live, /v2/health/ready            probes (no key; outside the concurrency limit)
+    GET  /v2/models/{name}[/versions/{v}]             model metadata: the tensor contract (app/v2/contract.py)
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer       JSON tensors, or the binary tensor extension both ways
+
+Errors leave in the protocol's shape, {"error": "<message>"}: `V2ErrorShape` rewrites the service's one error shape
+on /v2 paths (the statuses and headers stay, so Retry-After, WWW-Authenticate and the metrics are /v1's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import require_api_key
+from app.errors import APIError
+from app.params import _deadline as deadline_of
+from app.registry import ModelEntry
+from app.service import Readiness, Service, get_service, readiness
+from app.v2 import contract, infer, schemas, tensors
+
+SERVER = "mae-serve"
+VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+PREFIX = "/v2"
+
+router = APIRouter(prefix=PREFIX, tags=["v2 (Open Inference Protocol)"])
+_keyed = [Depends(require_api_key)]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": schemas.Error} for code in codes}
+
+
+def find(service: Service, name: str, version: str | None = None) -> ModelEntry:
+    """The model a v2 path names (the names of /v1/models); 404 for another name or version."""
+    if name not in service.registry:
+        loaded = ", ".join(service.registry.entries)
+        raise APIError(404, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
+    if version not in (None, "", contract.VERSION):
+        why = f"model {name!r} has no version {version!r}; it has {contract.VERSION!r}"
+        raise APIError(404, "unknown_version", why)
+    return service.registry.get(name)
+
+
+def model_metadata(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "versions": [contract.VERSION],
+        "platform": contract.PLATFORM,
+        "inputs": [t.as_dict() for t in contract.inputs(entry)],
+        "outputs": [t.as_dict() for t in contract.outputs(entry)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- server
+@router.get("", summary="Server metadata", response_model=schemas.ServerMetadata, dependencies=_keyed,
+            responses=_errors(401))  # fmt: skip
+async def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER, "version": VERSION, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Live: the process answers", response_model=schemas.Live)
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get(
+    "/health/ready",
+    summary="Ready: models loaded and warm, not draining (503 otherwise)",
+    response_model=schemas.Ready,
+    responses={503: {"model": schemas.Ready}},
+)
+async def ready(r: Annotated[Readiness, Depends(readiness)]) -> Response:
+    if r.ready:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})
+
+
+# ---------------------------------------------------------------------------------------------- models
+@router.get("/models/{model_name}", summary="Model metadata: inputs and outputs with datatypes and shapes",
+            response_model=schemas.ModelMetadata, dependencies=_keyed, responses=_errors(401, 404, 503))  # fmt: skip
+@router.get("/models/{model_name}/versions/{model_version}", response_model=schemas.ModelMetadata,
+            dependencies=_keyed, responses=_errors(401, 404, 503), summary="Model metadata (one version)")  # fmt: skip
+async def metadata(
+    service: Annotated[Service, Depends(get_service)], model_name: str, model_version: str | None = None
+) -> dict[str, Any]:
+    return model_metadata(find(service, model_name, model_version))
+
+
+@router.get("/models/{model_name}/ready", summary="Model ready", response_model=schemas.ModelReady,
+            dependencies=_keyed, responses=_errors(401, 404, 503))  # fmt: skip
+@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model ready (one version)",
+            response_model=schemas.ModelReady, dependencies=_keyed, responses=_errors(401, 404, 503))  # fmt: skip
+async def model_ready(
+    service: Annotated[Service, Depends(get_service)], model_name: str, model_version: str | None = None
+) -> dict[str, Any]:
+    return {"name": find(service, model_name, model_version).name, "ready": True}
+
+
+_BINARY = {"type": "string", "format": "binary"}
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": schemas.inline(schemas.InferRequest.model_json_schema())},
+            "application/octet-stream": {
+                "schema": _BINARY,
+                "description": f"binary tensor extension: the JSON header ({tensors.HEADER_LENGTH} bytes), then "
+                "each input's binary_data_size bytes (BYTES: 4-byte little-endian length + bytes, per element)",
+            },
+        },
+    },
+}
+
+
+@router.post("/models/{model_name}/infer", summary="Inference: images in, embeddings and reconstructions out",
+             dependencies=_keyed, openapi_extra=_INFER_DOC, response_model=schemas.InferResponse,
+             responses={200: {"content": {"application/octet-stream": {"schema": _BINARY}},
+                              "description": "JSON, or with binary outputs the JSON header "
+                                             f"({tensors.HEADER_LENGTH} bytes) and then the outputs' bytes"},
+                        **_errors(400, 401, 404, 413, 503, 504)})  # fmt: skip
+@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference (one version)",
+             dependencies=_keyed, openapi_extra=_INFER_DOC, response_model=schemas.InferResponse,
+             responses={200: {"content": {"application/octet-stream": {"schema": _BINARY}}},
+                        **_errors(400, 401, 404, 413, 503, 504)})  # fmt: skip
+async def infer_route(
+    request: Request,
+    service: Annotated[Service, Depends(get_service)],
+    model_name: str,
+    model_version: str | None = None,
+) -> Response:
+    entry = find(service, model_name, model_version)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise APIError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported: send it plain")
+    body = await request.body()
+    loop = asyncio.get_running_loop()
+    header_length, max_images = request.headers.get(tensors.HEADER_LENGTH), service.settings.max_images_per_request
+    try:
+        deadline = deadline_of(request)  # X-MAE-Deadline-Ms, as on /v1
+        req = await loop.run_in_executor(service.io_pool, tensors.read_rest, body, header_length, max_images)
+        if req.model_name not in (None, entry.name) or req.model_version not in (None, "", contract.VERSION):
+            raise contract.bad("the body names another model or version than the URL")
+        answer = await infer.infer(service, entry, req, deadline)
+    except APIError as e:
+        raise contract.as_v2(e) from None
+    content, json_length = await loop.run_in_executor(service.io_pool, tensors.write_rest, answer, contract.VERSION)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={tensors.HEADER_LENGTH: str(json_length)})
+
+
+# ---------------------------------------------------------------------------------------------- the error shape
+class V2ErrorShape:
+    """On /v2 paths, error answers in the protocol's shape: {"error": {"status", "code", "message"}} (the service's
+    one shape, whoever answered: a route, auth, the body or concurrency limit, a 404) -> {"error": "<message>"}."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path != PREFIX and not path.startswith(PREFIX + "/"):
+            return await self.app(scope, receive, send)
+        start: Message | None = None
+        parts: list[bytes] = []
+
+        async def reshape(msg: Message) -> None:
+            nonlocal start
+            if msg["type"] == "http.response.start":
+                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
+                if msg["status"] >= 400 and ctype.startswith(b"application/json"):
+                    start = msg  # held until the whole (small) error body is in
+                    return
+            elif msg["type"] == "http.response.body" and start is not None:
+                parts.append(msg.get("body", b""))
+                if msg.get("more_body", False):
+                    return
+                body = _v2_body(b"".join(parts))
+                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                start = None
+                return
+            await send(msg)
+
+        await self.app(scope, receive, reshape)
+
+
+def _v2_body(body: bytes) -> bytes:
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return body
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return json.dumps({"error": error["message"]}).encode()
+    return body
