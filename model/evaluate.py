@@ -44,6 +44,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from model import checkpoint
+from model.by_source import format_per_source, per_source
 from model.data import list_images, load_rgb, resize_to
 from model.mae import MAE
 from model.masking import Masking, random_masking_spec
@@ -302,6 +303,7 @@ def evaluate(
         "norm_pix_loss_uses_true_patch_stats": bool(c.norm_pix_loss),
         "overall": overall,
         "model_vs_baselines": versus,
+        "by_source": per_source(per_image, METHODS),
         "images": per_image,
     }
     return report, {k: torch.cat(v) for k, v in columns.items()}
@@ -334,6 +336,9 @@ def format_table(report: dict[str, Any], per_image: bool = True) -> str:
         )
     if report["norm_pix_loss_uses_true_patch_stats"]:
         lines.append("- WARNING: norm_pix_loss model: masked patches use their true mean/variance (flattered).")
+    if len(report.get("by_source", {})) > 1:
+        lines += ["", "Per source (a file's first folder, or its name before the first '-'):", ""]
+        lines.append(format_per_source(report["by_source"], METHODS))
     if per_image:
         lines += ["", "| image | " + " | ".join(f"{m} PSNR" for m in METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
         for r in report["images"]:
