@@ -43,8 +43,8 @@ bench: $(VENV)/.installed-dev
 # The lead pauses the run during benchmarks with SIGSTOP/SIGCONT on the training process.
 DEMO_OUT ?= runs/demo
 DEMO_CONFIG ?= mae_vit_demo_patch16
-DEMO_STEPS ?= 5000
-DEMO_TRAIN_ARGS ?= --batch-size 32 --lr 2e-3 --warmup 250 --threads 1 --cache-side 768 --save-every 50
+DEMO_STEPS ?= 4500
+DEMO_TRAIN_ARGS ?= --batch-size 32 --lr 2e-3 --warmup 250 --threads 1 --cache-side 768 --save-every 100 --snapshot-every 500
 SHARED ?= ../shared
 
 photos: $(VENV)/.installed

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         help="stop after this step without saving, as a killed process would (tests; running in chunks)",
     )
     ap.add_argument("--fp16-weights", action="store_true", help="store model.safetensors in fp16 (half the size)")
+    ap.add_argument(
+        "--snapshot-every", type=int, default=0, help="also keep OUT/snapshots/step_N.safetensors every N steps"
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         tmp_weights = out / "model.safetensors.tmp"
         save(model, tmp_weights, dtype=torch.float16 if args.fp16_weights else None)
         tmp_weights.replace(out / "model.safetensors")
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            (out / "snapshots").mkdir(exist_ok=True)
+            shutil.copyfile(out / "model.safetensors", out / "snapshots" / f"step_{step}.safetensors")
         log.flush()
         plot_loss(csv_path, out / "loss.png")
 

@@ -39,7 +39,7 @@ def rows(out: Path) -> list[dict[str, str]]:
 
 def test_kill_and_resume_equals_an_uninterrupted_run(photos: Path, tmp_path: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train(photos, straight)
+    train(photos, straight, "--snapshot-every", "3")
     train(photos, killed, "--exit-after-step", "5")  # checkpoint at 3; steps 4 and 5 die with the process
     assert [r["step"] for r in rows(killed)] == ["1", "2", "3", "4", "5"]
     train(photos, killed, "--resume")
@@ -48,6 +48,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(photos: Path, tmp_path: Pat
     assert [(r["lr"], r["loss"]) for r in rows(killed)] == [(r["lr"], r["loss"]) for r in rows(straight)]
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert sorted(p.name for p in (straight / "snapshots").iterdir()) == ["step_3.safetensors", "step_6.safetensors"]
+    last = load_file(straight / "snapshots/step_6.safetensors")
+    assert all((last[k] == a[k]).all() for k in a)
     starts = [json.loads(line) for line in (killed / "starts.jsonl").read_text().splitlines()]
     assert [s["start_step"] for s in starts] == [0, 3]
     assert json.loads((killed / "args.json").read_text())["config_dict"]["decoder_depth"] == 2
