@@ -59,7 +59,7 @@ demo-model: photos
 demo-eval: $(VENV)/.installed
 	for split in val_cross val_in; do \
 		$(BIN)/python -m model.evaluate --weights $(DEMO_OUT)/model.safetensors --data data/photos/$$split \
-			--seeds 0 1 2 3 4 --threads 1 --out $(DEMO_OUT)/eval_$$split || exit 1; \
+			--seeds 0 1 2 3 4 --threads 1 --rows-per-source 2 --out $(DEMO_OUT)/eval_$$split || exit 1; \
 	done
 	$(BIN)/python -m model.evaluate --weights $(DEMO_OUT)/model.safetensors --data $(SHARED)/datasets/photos/val \
 		--seeds 0 1 2 3 4 --threads 1 --out $(DEMO_OUT)/eval_old_val

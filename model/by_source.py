@@ -56,3 +56,22 @@ def format_per_source(by_source: dict[str, Any], methods: Sequence[str], referen
             + f" | {s[f'delta_vs_{reference}_db']:+.2f} | {100 * s[f'win_rate_vs_{reference}']:.0f}% of {s['pairs']} |"
         )
     return "\n".join(lines)
+
+
+def picture_rows(names: Sequence[str], per_source: int) -> list[int]:
+    """Indices of the first `per_source` names of every source, source by source (rows for samples.png)."""
+    seen: dict[str, int] = {}
+    rows = []
+    for i, name in enumerate(names):
+        source = source_of(name)
+        if seen.get(source, 0) < per_source:
+            seen[source] = seen.get(source, 0) + 1
+            rows.append(i)
+    return sorted(rows, key=lambda i: (source_of(names[i]), i))
+
+
+def picture_first(names: Sequence[str], per_source: int) -> list[int]:
+    """An order of all indices with the picture rows first (evaluate() draws the first N images)."""
+    rows = picture_rows(names, per_source)
+    chosen = set(rows)
+    return rows + [i for i in range(len(names)) if i not in chosen]

@@ -44,7 +44,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from model import checkpoint
-from model.by_source import format_per_source, per_source
+from model.by_source import format_per_source, per_source, picture_first, picture_rows
 from model.data import list_images, load_rgb, resize_to
 from model.mae import MAE
 from model.masking import Masking, random_masking_spec
@@ -421,6 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, samples.png (none: print only)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
     ap.add_argument("--rows", type=int, default=6, help="images shown in samples.png")
+    ap.add_argument(
+        "--rows-per-source",
+        type=int,
+        default=0,
+        help="instead of the first --rows images, show the first N of every source (see model/by_source.py)",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args(argv)
@@ -435,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     if not loaded.config.has_decoder:
         raise SystemExit(f"{args.weights}: encoder-only weights have no pixel decoder; nothing to evaluate")
     names, images = load_images(args.data, loaded.config.img_size, args.limit)
+    rows = args.rows
+    if args.rows_per_source:
+        order = picture_first(names, args.rows_per_source)
+        names, images = [names[i] for i in order], images[order]
+        rows = len(picture_rows(names, args.rows_per_source))
     report, columns = evaluate(
         loaded.model,
         images,
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         mask_ratio=args.mask_ratio,
         seeds=args.seeds,
         batch_size=args.batch_size,
-        keep_for_picture=args.rows if args.out else 0,
+        keep_for_picture=rows if args.out else 0,
     )
     report = {
         "weights": str(args.weights),

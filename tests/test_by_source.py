@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.by_source import per_source, source_of
+from model.by_source import per_source, picture_first, picture_rows, source_of
 from model.checkpoint import save
 from model.config import get_config
 from model.evaluate import METHODS, evaluate, main, psnr
@@ -85,3 +85,30 @@ def test_cli_prints_and_writes_the_per_source_table(tmp_path: Path, capsys) -> N
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert set(metrics["by_source"]) == {"alpha", "beta"}
     assert "| alpha | 2 |" in (tmp_path / "out/metrics.md").read_text()
+
+
+def test_picture_rows_take_the_first_of_every_source() -> None:
+    names = ["a/1.jpg", "a/2.jpg", "a/3.jpg", "b/1.jpg", "c/1.jpg", "c/2.jpg"]
+    assert picture_rows(names, 2) == [0, 1, 3, 4, 5]
+    assert picture_first(names, 1) == [0, 3, 4, 1, 2, 5]
+    assert sorted(picture_first(names, 1)) == list(range(len(names)))  # a reordering, nothing lost
+
+
+def test_cli_picture_shows_every_source(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save(MAE(get_config("mae_test")), weights)
+    data = tmp_path / "val"
+    for source, n in (("alpha", 3), ("beta", 2)):
+        (data / source).mkdir(parents=True)
+        for i in range(n):
+            Image.effect_noise((40, 30), 40 + 20 * i).convert("RGB").save(data / source / f"{i}.png")
+    out = tmp_path / "out"
+    main(["--weights", str(weights), "--data", str(data), "--seeds", "0", "--out", str(out), "--rows-per-source", "1"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["file"] for r in metrics["images"]][:2] == ["alpha/0.png", "beta/0.png"]
+    with Image.open(out / "samples.png") as pic:
+        one_row = pic.height
+    main(["--weights", str(weights), "--data", str(data), "--seeds", "0", "--out", str(out), "--rows", "1"])
+    with Image.open(out / "samples.png") as pic:
+        assert pic.height < one_row  # two rows (one per source) against one
