@@ -1,11 +1,13 @@
 """MAE pre-training on an image folder, as in the paper (Sec. 4 / appendix A.1), sized for small machines.
 
-    python -m model.train --data ../shared/datasets/photos/train --config mae_vit_demo_patch16 \
-        --steps 10000 --out runs/demo
+    python -m model.train --data data/photos/train --config mae_vit_demo_patch16 --steps 4500 --threads 1 \
+        --cache-side 768 --resume --out runs/demo      # `make demo-model` runs the bundled model's recipe
 
 RandomResizedCrop(scale 0.2-1) + flip, AdamW (betas 0.9/0.95, wd 0.05 on weights only), linear warm-up then
-cosine decay, 75% masking. fp32 on CPU, bf16 autocast on GPU. Resumable: rerun the same command with --resume.
-Writes loss.csv, loss.png, checkpoint.pt (to resume) and model.safetensors (the project's format).
+cosine decay, 75% masking. fp32 on CPU, bf16 autocast on GPU. Resumable: rerun the same command with --resume
+(a killed run loses only the steps since its last checkpoint). Writes loss.csv (step, lr, loss per step),
+loss.png, checkpoint.pt (to resume), model.safetensors (the project's format), starts.jsonl (each start or
+resume with its arguments) and, with --snapshot-every, snapshots/step_N.safetensors.
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pre-training", unit="step")
 
     def checkpoint(step: int) -> None:
+        log.flush()  # the log first: a resume keeps rows up to the checkpoint's step, so they must be on disk
         # Write then rename: a process killed mid-save leaves the previous checkpoint intact.
         tmp = ckpt_path.with_suffix(".pt.tmp")
         torch.save(
@@ -206,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.snapshot_every and step % args.snapshot_every == 0:
             (out / "snapshots").mkdir(exist_ok=True)
             shutil.copyfile(out / "model.safetensors", out / "snapshots" / f"step_{step}.safetensors")
-        log.flush()
         plot_loss(csv_path, out / "loss.png")
 
     for step in bar:
