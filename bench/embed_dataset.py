@@ -58,9 +58,9 @@ def make_tiny() -> Path:
     """A random-init `mae_test` (32 px, 2 blocks): a seconds-long smoke run of this script."""
     if not TINY.exists():
         import torch
-        from model.checkpoint import save
 
         from model import MAE, get_config
+        from model.formats import save
 
         torch.manual_seed(0)
         TINY.parent.mkdir(parents=True, exist_ok=True)

@@ -40,33 +40,46 @@ def resize_to(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
+def crop_box(
+    h: int,
+    w: int,
+    g: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering a `scale` fraction of the area, aspect in `ratio`
+    (log-uniform), as torchvision's RandomResizedCrop.get_params; after 10 misses, the largest centre crop."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(4, generator=g).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1)), ch, cw
+    cw, ch = min(w, round(h * ratio[1])), min(h, round(w / ratio[0]))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 class ImageFolderInMemory:
     """Decoded photos and a seeded sampler of augmented batches in [0, 1]."""
 
-    def __init__(self, folder: str | Path, img_size: int, cache_side: int = 512) -> None:
+    def __init__(
+        self, folder: str | Path, img_size: int, cache_side: int = 512, scale: tuple[float, float] = (0.2, 1.0)
+    ) -> None:
         self.files = list_images(folder)
         self.images = [load_rgb(p, cache_side) for p in self.files]
         self.img_size = img_size
+        self.scale = scale
 
     def __len__(self) -> int:
         return len(self.images)
 
     def random_resized_crop(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """torchvision's RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)) with an explicit generator."""
+        """torchvision's RandomResizedCrop(scale=self.scale, ratio=(3/4, 4/3)) with an explicit generator."""
         _, h, w = img.shape
-        area = h * w
-        log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
-        for _ in range(10):
-            u = torch.rand(4, generator=g).tolist()
-            target = area * (0.2 + 0.8 * u[0])
-            aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
-            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < cw <= w and 0 < ch <= h:
-                top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
-                break
-        else:  # fall back to the largest centre crop of an allowed aspect
-            cw, ch = min(w, round(h * 4 / 3)), min(h, round(w * 4 / 3))
-            top, left = (h - ch) // 2, (w - cw) // 2
+        top, left, ch, cw = crop_box(h, w, g, self.scale)
         return resize_to(img[:, top : top + ch, left : left + cw], self.img_size)
 
     def batch(self, batch_size: int, g: torch.Generator) -> torch.Tensor:

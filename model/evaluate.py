@@ -44,6 +44,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from model import formats as checkpoint
+from model.by_source import format_per_source, per_source, picture_first, picture_rows
 from model.data import list_images, load_rgb, resize_to
 from model.family import MaskedAutoencoder
 from model.masking import Masking, random_masking_spec
@@ -296,6 +297,7 @@ def evaluate(
         "norm_pix_loss_uses_true_patch_stats": bool(c.norm_pix_loss),
         "overall": overall,
         "model_vs_baselines": versus,
+        "by_source": per_source(per_image, METHODS),
         "images": per_image,
     }
     return report, {k: torch.cat(v) for k, v in columns.items()}
@@ -328,6 +330,9 @@ def format_table(report: dict[str, Any], per_image: bool = True) -> str:
         )
     if report["norm_pix_loss_uses_true_patch_stats"]:
         lines.append("- WARNING: norm_pix_loss model: masked patches use their true mean/variance (flattered).")
+    if len(report.get("by_source", {})) > 1:
+        lines += ["", "Per source (a file's first folder, or its name before the first '-'):", ""]
+        lines.append(format_per_source(report["by_source"], METHODS))
     if per_image:
         lines += ["", "| image | " + " | ".join(f"{m} PSNR" for m in METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
         for r in report["images"]:
@@ -410,6 +415,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, samples.png (none: print only)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
     ap.add_argument("--rows", type=int, default=6, help="images shown in samples.png")
+    ap.add_argument(
+        "--rows-per-source",
+        type=int,
+        default=0,
+        help="instead of the first --rows images, show the first N of every source (see model/by_source.py)",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args(argv)
@@ -424,6 +435,11 @@ def main(argv: list[str] | None = None) -> None:
     if not loaded.config.has_decoder:
         raise SystemExit(f"{args.weights}: encoder-only weights have no pixel decoder; nothing to evaluate")
     names, images = load_images(args.data, loaded.config.img_size, args.limit)
+    rows = args.rows
+    if args.rows_per_source:
+        order = picture_first(names, args.rows_per_source)
+        names, images = [names[i] for i in order], images[order]
+        rows = len(picture_rows(names, args.rows_per_source))
     report, columns = evaluate(
         loaded.model,
         images,
@@ -431,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         mask_ratio=args.mask_ratio,
         seeds=args.seeds,
         batch_size=args.batch_size,
-        keep_for_picture=args.rows if args.out else 0,
+        keep_for_picture=rows if args.out else 0,
     )
     report = {
         "weights": str(args.weights),

@@ -1,11 +1,13 @@
 """MAE pre-training on an image folder, as in the paper (Sec. 4 / appendix A.1), sized for small machines.
 
-    python -m model.train --data ../shared/datasets/photos/train --config mae_vit_demo_patch16 \
-        --steps 10000 --out runs/demo
+    python -m model.train --data data/photos/train --config mae_vit_demo_patch16 --steps 4500 --threads 1 \
+        --cache-side 768 --resume --out runs/demo      # `make demo-model` runs the bundled model's recipe
 
 RandomResizedCrop(scale 0.2-1) + flip, AdamW (betas 0.9/0.95, wd 0.05 on weights only), linear warm-up then
-cosine decay, 75% masking. fp32 on CPU, bf16 autocast on GPU. Resumable: rerun the same command with --resume.
-Writes loss.csv, loss.png, checkpoint.pt (to resume) and model.safetensors (the project's format).
+cosine decay, 75% masking. fp32 on CPU, bf16 autocast on GPU. Resumable: rerun the same command with --resume
+(a killed run loses only the steps since its last checkpoint). Writes loss.csv (step, lr, loss per step),
+loss.png, checkpoint.pt (to resume), model.safetensors (the project's format), starts.jsonl (each start or
+resume with its arguments) and, with --snapshot-every, snapshots/step_N.safetensors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +36,33 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.0
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parse_overrides(items: list[str]) -> dict[str, int | float | str]:
+    """["embed_dim=256", "mlp_ratio=4.0"] -> {"embed_dim": 256, "mlp_ratio": 4.0} (ints, floats, else strings)."""
+    out: dict[str, int | float | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def truncate_log(csv_path: Path, step: int) -> None:
+    """Keep the header and the rows of steps <= `step` (the checkpoint a resumed run starts from)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -80,6 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="image folder (searched recursively)")
     ap.add_argument("--config", default="mae_vit_demo_patch16", help="a named config from model/config.py")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set embed_dim=256 --set depth=8 (repeatable)",
+    )
+    ap.add_argument("--name", default=None, help="config name stored in the weights (default: --config's)")
+    ap.add_argument("--cache-side", type=int, default=512, help="photos kept in memory at this long side (px)")
     ap.add_argument("--norm-pix-loss", action="store_true", help="standardised-patch targets (off for a demo model)")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=10000, help="optimizer steps")
@@ -95,7 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument(
+        "--exit-after-step",
+        type=int,
+        default=None,
+        help="stop after this step without saving, as a killed process would (tests; running in chunks)",
+    )
     ap.add_argument("--fp16-weights", action="store_true", help="store model.safetensors in fp16 (half the size)")
+    ap.add_argument(
+        "--snapshot-every", type=int, default=0, help="also keep OUT/snapshots/step_N.safetensors every N steps"
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -107,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = get_config(args.config).replace(norm_pix_loss=args.norm_pix_loss)
+    config = get_config(args.config).replace(norm_pix_loss=args.norm_pix_loss, **parse_overrides(args.set))
+    if args.name:
+        config = config.replace(name=args.name)
 
     torch.manual_seed(args.seed)  # only the initial weights; every later draw uses `g`
     model = MAE(config).to(device)
@@ -122,11 +172,17 @@ def main(argv: list[str] | None = None) -> None:
         g.set_state(ckpt["generator"])
         start = int(ckpt["step"])
         print(f"resumed at step {start}")
-    data = ImageFolderInMemory(args.data, config.img_size)
-    (out / "args.json").write_text(json.dumps(vars(args) | {"config_dict": config.to_dict()}, indent=2))
+    data = ImageFolderInMemory(args.data, config.img_size, cache_side=args.cache_side)
+    run_args = vars(args) | {"config_dict": config.to_dict(), "start_step": start, "num_images": len(data)}
+    if start == 0:
+        (out / "args.json").write_text(json.dumps(run_args, indent=2))
+    with open(out / "starts.jsonl", "a") as f:  # every start and resume, with the schedule it ran under
+        f.write(json.dumps(run_args | {"time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     csv_path = out / "loss.csv"
     new_csv = start == 0 or not csv_path.exists()
+    if not new_csv:
+        truncate_log(csv_path, start)  # rows after the checkpoint were lost with the process; they will be redone
     log = open(csv_path, "w" if new_csv else "a", newline="")  # noqa: SIM115 (open for the whole run)
     writer = csv.writer(log)
     if new_csv:
@@ -140,12 +196,20 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pre-training", unit="step")
 
     def checkpoint(step: int) -> None:
+        log.flush()  # the log first: a resume keeps rows up to the checkpoint's step, so they must be on disk
+        # Write then rename: a process killed mid-save leaves the previous checkpoint intact.
+        tmp = ckpt_path.with_suffix(".pt.tmp")
         torch.save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step},
-            ckpt_path,
+            tmp,
         )
-        save(model, out / "model.safetensors", dtype=torch.float16 if args.fp16_weights else None)
-        log.flush()
+        tmp.replace(ckpt_path)
+        tmp_weights = out / "model.safetensors.tmp"
+        save(model, tmp_weights, dtype=torch.float16 if args.fp16_weights else None)
+        tmp_weights.replace(out / "model.safetensors")
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            (out / "snapshots").mkdir(exist_ok=True)
+            shutil.copyfile(out / "model.safetensors", out / "snapshots" / f"step_{step}.safetensors")
         plot_loss(csv_path, out / "loss.png")
 
     for step in bar:
@@ -170,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             checkpoint(step + 1)
+        if args.exit_after_step is not None and step + 1 >= args.exit_after_step:
+            log.close()
+            print(f"exiting after step {step + 1} (--exit-after-step); resume with --resume")
+            return
     log.close()
     print(f"done: {args.steps} steps, {time.perf_counter() - t0:.0f} s, weights in {out / 'model.safetensors'}")
 
