@@ -79,7 +79,6 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 120.0, poll_s: float = 0.05) -> float:
         """Block until /readyz answers 200; returns the seconds since start (`ready_s`; the port opened at
         `listening_s`). Raises if the process exits first, or kills it after `timeout`."""
-        assert self.proc is not None, "start() first"
         end = self._t0 + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as client:
             while time.monotonic() < end:

@@ -28,6 +28,7 @@ from app.service import Readiness
 from app.settings import Settings
 from app.v2 import rest as v2_rest
 
+WORKER_JOIN_S = 2.0  # how long a starting worker waits for a model process that is up before serving anyway
 log = logging.getLogger("mae.serve")
 # Outside the concurrency limit: orchestrators must always get an answer.
 PROBES = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
@@ -88,6 +89,11 @@ def create_app(
         elif load_in_background:
             task = asyncio.create_task(load())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # reported by `failed`; not re-logged
+            if engine_address:
+                # A worker that joins a model process already serving (a replacement, or one slower to import than
+                # the load took) is ready in milliseconds: it accepts connections only then, so none of them is
+                # answered 503 by it while the other workers serve. While the models load, it accepts at once.
+                await asyncio.wait({task}, timeout=WORKER_JOIN_S)
         else:
             await load()
         try:

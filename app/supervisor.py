@@ -3,8 +3,9 @@
 - It binds the listening socket once; every worker serves that same socket (inherited, MAE_WORKER_FD), so the
   kernel hands each new connection to one of them.
 - It loads the models, warms up and runs the one Engine and model thread; app.remote.EngineServer answers the
-  workers on an ipc:// ZeroMQ socket. Workers start at once (they import while the models load) and report ready
-  once the model process has answered them.
+  workers on an ipc:// ZeroMQ socket. Workers start at once (they import while the models load, and answer
+  /healthz meanwhile) and report ready once the model process has answered them; a worker that starts while the
+  model process already serves takes no connection before it is ready.
 - Metrics are shared (prometheus_client's multiprocess mode): any worker's /metrics shows every process's counts.
 - A worker that dies is started again. SIGTERM (or SIGINT): every worker drains (as a single process does: /readyz
   503, in-flight requests finish within MAE_SHUTDOWN_TIMEOUT_S), then the engine stops and the process exits 0.

@@ -7,11 +7,13 @@ drains every worker and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -69,8 +71,33 @@ def test_workers_answer_as_one_process_does(weights):
     assert metric_value(m, "mae_images_total", op="embed") == 2  # counted in the model process, seen by a worker
 
 
+def test_a_worker_joining_a_serving_model_process_is_ready_before_it_accepts(weights, tmp_path):
+    """A worker (re)started while the others serve must not take connections it can only answer 503."""
+    from app import model_thread, service
+    from app.main import create_app
+    from app.remote import EngineServer
+    from app.settings import Settings
+
+    settings = Settings(weights=str(weights), device="cpu", warmup=False)
+    address = f"ipc://{tmp_path}/engine"
+
+    async def join() -> object:
+        up = await service.start(settings, model_thread.forward, ThreadPoolExecutor(1))
+        engine_server = EngineServer(address, up.registry, up.engine)
+        engine_server.start()
+        app = create_app(settings, engine_address=address)
+        try:
+            async with app.router.lifespan_context(app):  # uvicorn accepts connections once this has entered
+                return app.state.mae.service
+        finally:
+            await engine_server.close()
+            await up.engine.close(0)
+
+    assert asyncio.run(join()) is not None
+
+
 def test_batching_stays_global_and_abandoned_work_is_dropped(weights):
-    env = {"MAE_WORKERS": "2", "MAE_TEST_FORWARD_SLEEP_S": "0.6", "MAE_MAX_BATCH_SIZE": "8",
+    env = {"MAE_WORKERS": "2", "MAE_TEST_FORWARD_SLEEP_S": "1.0", "MAE_MAX_BATCH_SIZE": "8",
            "MAE_CPU_MAX_BATCH_SIZE": "8"}  # fmt: skip
     with server(weights, module="tests.launch", **env) as s:
         answers: list[httpx.Response] = []
@@ -81,19 +108,24 @@ def test_batching_stays_global_and_abandoned_work_is_dropped(weights):
             t.join(60)
         m = s.metrics()
         sizes = metric_value(m, "mae_batch_size_sum", op="embed"), metric_value(m, "mae_batch_size_count", op="embed")
-        # Abandoned: requests queued behind a slow batch, their clients gone.
+        # Abandoned: requests queued behind a slow batch, their clients gone. The first goes alone, so it is
+        # computing (a lone request never waits) when the other five queue behind it.
         socks = []
-        for _ in range(6):
-            sock = socket.create_connection(("127.0.0.1", s.port))
-            sock.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
-                         + str(len(PNG)).encode() + b"\r\n\r\n" + PNG)  # fmt: skip
-            socks.append(sock)
-        time.sleep(0.3)
+        for n in (1, 5):
+            for _ in range(n):
+                sock = socket.create_connection(("127.0.0.1", s.port))
+                sock.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                             + str(len(PNG)).encode() + b"\r\n\r\n" + PNG)  # fmt: skip
+                socks.append(sock)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while metric_value(s.metrics(), "mae_queue_depth") < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
         for sock in socks:
             sock.close()
-        time.sleep(2.0)
+        time.sleep(3.0)
         m = s.metrics()
-    assert [r.status_code for r in answers] == [200] * 9
+    assert [r.status_code for r in answers] == [200] * 9, [r.text for r in answers]
     assert sizes[0] == 9 and sizes[1] <= 3, sizes  # 9 images in at most 3 forward passes
     dropped = metric_value(m, "mae_cancelled_images_total", reason="client_closed")
     computed = metric_value(m, "mae_images_total", op="embed") - 9
