@@ -12,7 +12,7 @@ from app.cpu_kernels import CpuKernels, prepare_cpu_kernels
 from app.schemas import ModelInfo
 from app.settings import Settings
 from model.config import get_config
-from model.family import MaskedAutoencoder, ModelConfig
+from model.family import MaskedAutoencoder, ModelConfig, PatchModel
 from model.formats import CheckpointError, LoadedModel, load
 from model.mae import MAE
 
@@ -123,6 +123,9 @@ class Registry:
                 continue
             loaded = _load_one(name, path)
             model = _place(loaded.model, device, dtype, settings.cpu_kernels, name)
+            if settings.compile != "off" and isinstance(model, PatchModel):
+                n = model.compile_stacks(settings.compile)
+                log.info("%s: %d transformer stacks compiled (MAE_COMPILE=%s)", name, n, settings.compile)
             entries[name] = ModelEntry(name, model, loaded.path, loaded.format, loaded.sha256, device, dtype)
             log.info(
                 "loaded %s from %s (%s, sha256 %s) on %s/%s", name, path, loaded.format, loaded.sha256, device, dtype

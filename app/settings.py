@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         description="torch threads; 0 = from the CPUs this process may use (affinity, cgroup quota), a quarter "
         "left to decoding and encoding; 1 with the model on a GPU",
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the transformer stacks at start (compiled on first use: warm-up covers the first "
+        "shapes); reduce-overhead adds CUDA graphs on a GPU",
+    )
     cpu_kernels: Literal["auto", "onednn", "onednn-packed", "stock"] = Field(
         "auto",
         description="fp32 linear layers on CPU: oneDNN (AVX-512 where the CPU has it), onednn-packed (the weights "

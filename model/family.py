@@ -148,6 +148,18 @@ class PatchModel(nn.Module, Generic[C]):
             pred=pred, mask=mask, pixels=pixels, images=images, patch_error=err, mse=mse, grid=grid
         )
 
+    def transformer_stacks(self) -> list[nn.Module]:
+        """The modules that hold nearly all the compute (what `torch.compile` is worth applying to)."""
+        raise NotImplementedError
+
+    def compile_stacks(self, mode: str) -> int:
+        """torch.compile the transformer stacks in place (shapes marked dynamic: batch and visible-patch counts
+        vary); mode as torch.compile's (reduce-overhead: CUDA graphs on a GPU). Returns how many were compiled."""
+        stacks = self.transformer_stacks()
+        for s in stacks:
+            s.compile(mode=None if mode == "default" else mode, dynamic=True)
+        return len(stacks)
+
     def require_decoder(self) -> None:
         if not self.config.has_decoder:
             raise DecoderMissingError(self.no_decoder_message)

@@ -117,6 +117,10 @@ class MAE(PatchModel[MAEConfig]):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def transformer_stacks(self) -> list[nn.Module]:
+        blocks: list[nn.Module] = list(self.blocks)
+        return blocks + (list(self.decoder_blocks) if self.config.has_decoder else [])
+
     # ------------------------------------------------------------------ shapes
     def grid_for(self, imgs: torch.Tensor) -> tuple[int, int]:
         p = self.config.patch_size

@@ -172,6 +172,10 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
             self.to_pixels = nn.Linear(dd, c.patch_dim)
         self.register_pixel_stats(c.pixel_mean, c.pixel_std)
 
+    def transformer_stacks(self) -> list[nn.Module]:
+        stacks: list[nn.Module] = [self.encoder.transformer]
+        return stacks + ([self.decoder] if self.config.has_decoder else [])
+
     # ------------------------------------------------------------------ shapes and spaces
     def grid_for(self, imgs: torch.Tensor) -> tuple[int, int]:
         # Learned position embeddings exist for the trained size only; interpolating them would not be faithful.

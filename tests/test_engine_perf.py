@@ -141,3 +141,25 @@ def test_engine_runs_on_the_one_model_thread():
 
     asyncio.run(scenario())
     assert len(names) == 1 and next(iter(names)).startswith("mae-model")
+
+
+def test_compiled_stacks_answer_as_eager(weights):
+    """MAE_COMPILE (torch.compile of the transformer stacks; inductor on this CPU): the same answers as eager, within
+    fp32 rounding. reduce-overhead (CUDA graphs) needs a GPU and has not run here."""
+    from app.settings import Settings
+    from tests.serving import app_client, image_bytes
+
+    png = image_bytes(48, 40)
+    answers = {}
+    for mode in ("off", "default"):
+        with app_client(Settings(weights=str(weights), compile=mode, warmup=False)) as c:
+            params = {"format": "json", "seed": 5}
+            r = c.post("/v1/reconstruct", params=params, content=png, headers={"Content-Type": "image/png"})
+            e = c.post("/v1/embed", content=png, headers={"Content-Type": "image/png"})
+            assert r.status_code == e.status_code == 200
+            answers[mode] = (r.json(), e.json())
+            stacks = c.app.state.mae.service.registry.get(None).model.transformer_stacks()
+            assert all((s._compiled_call_impl is not None) == (mode != "off") for s in stacks)  # really compiled
+    (r0, e0), (r1, e1) = answers["off"], answers["default"]
+    assert r0["mask"] == r1["mask"] and abs(r0["mse"] - r1["mse"]) < 1e-6
+    assert np.allclose(e0["patches"], e1["patches"], atol=1e-5) and np.allclose(e0["cls"], e1["cls"], atol=1e-5)
