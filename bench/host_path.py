@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.common import NULL, PYTHON, SMALL, TRAINING, VITB_DIR, machine, paused, photos, table, write_json
+from bench.common import NULL, PYTHON, SMALL, TRAINING, VITB_DIR, machine, median, paused, photos, table, write_json
 from bench.e2e import HOST, Server, measure
 
 NULL_ROUTES = [  # (label, path, op)
@@ -227,6 +227,27 @@ def bare_best(weights: str, op: str) -> dict[str, Any]:
     return best
 
 
+KEYS = ("route", "model", "op", "server", "workers")
+NUMBERS = ("images_per_s", "server_cpu_ms_per_image", "latency_ms_p50", "latency_ms_p99", "server_cpu_pct",
+           "foreign_cpu_pct", "gil_ms_per_image", "gil_share_of_wall", "vs_quiet", "batch_mean")  # fmt: skip
+
+
+def medians(runs: list[list[dict]]) -> list[dict]:
+    """Row i of every run (the same configuration) -> one row: the median of each number, the runs' values kept."""
+    out = []
+    for same in zip(*runs, strict=True):
+        row = {k: same[0][k] for k in KEYS if k in same[0]}
+        for k in NUMBERS:
+            values = [r[k] for r in same if r.get(k) is not None]
+            if values:
+                row[k] = median(values)
+                row[f"{k}_runs"] = values
+        if "batch" in same[0]:
+            row["batch"] = same[0]["batch"]
+        out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -234,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default="small,vitb")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="whole runs of each part; the tables give medians")
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--min-rounds", type=float, default=6.0)
@@ -249,9 +271,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "host_path", "machine": machine(), "settings": vars(args)}
     parts = {"null": part_null, "gil": part_gil, "peers": part_peers, "hog": part_hog}
     for part in args.parts.split(","):
-        print(f"[bench] host path: {part}", flush=True)
-        with paused(TRAINING if args.pause_training else None):
-            result[part] = parts[part](args, pics)
+        runs = []
+        for rep in range(args.repeats):  # whole runs of the part, one after the other: medians side by side
+            print(f"[bench] host path: {part}, run {rep + 1} of {args.repeats}", flush=True)
+            with paused(TRAINING if args.pause_training else None):
+                runs.append(parts[part](args, pics))
+        result[part] = medians(runs)
+        result[f"{part}_runs"] = runs
     cols = [
         ("route", "route", ""),
         ("workers", "workers", ""),

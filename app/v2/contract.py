@@ -31,7 +31,6 @@ INPUT = "image"
 EMBEDDING = ("cls", "mean", "patches", "patch_indices")
 PIXELS = ("reconstruction", "paste", "masked", "mse")
 DEFAULT = ("cls", "mean", "patches")
-FLOATS = ("cls", "mean", "patches")  # the outputs the `dtype` parameter applies to
 VERSION = "1"  # every model has one version; /versions/1 names it, and so does an empty version
 PLATFORM = "pytorch"
 RECONSTRUCT_RATIO, EMBED_RATIO = 0.75, 0.0  # /v1's defaults
