@@ -179,6 +179,7 @@ class RemoteConfig(PatchGrid):
     embed_dim: int
     depth: int
     has_decoder: bool
+    has_cls: bool
     decoder_embed_dim: int | None
     decoder_depth: int | None
     norm_pix_loss: bool

@@ -48,6 +48,10 @@ class MAEConfig(PatchGrid):
             if dim % 4:
                 raise ValueError(f"{what} {dim} must be a multiple of 4 for the 2-D sin-cos table")
 
+    @property
+    def has_cls(self) -> bool:
+        return True  # the paper's encoder always prepends one
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pixel_mean"] = list(self.pixel_mean)

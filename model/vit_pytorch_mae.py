@@ -71,6 +71,10 @@ class VitPytorchConfig(PatchGrid):
     def num_cls_tokens(self) -> int:
         return 1 if self.pool == "cls" else 0
 
+    @property
+    def has_cls(self) -> bool:
+        return self.pool == "cls"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(family=self.family, norm_pix_loss=self.norm_pix_loss)

@@ -13,10 +13,8 @@ from app.v2.contract import Requested
 pytestmark = pytest.mark.unit
 
 
-def entry(has_decoder: bool = True, cls_tokens: int | None = None) -> SimpleNamespace:
-    config = SimpleNamespace(embed_dim=8, num_patches=4, img_size=16, has_decoder=has_decoder)
-    if cls_tokens is not None:
-        config.num_cls_tokens = cls_tokens  # vit-pytorch's config says how many; the official MAE has one
+def entry(has_decoder: bool = True, has_cls: bool = True) -> SimpleNamespace:
+    config = SimpleNamespace(embed_dim=8, num_patches=4, img_size=16, has_decoder=has_decoder, has_cls=has_cls)
     return SimpleNamespace(name="m", config=config)
 
 
@@ -38,14 +36,14 @@ def test_the_outputs_decide_the_passes_and_the_default_ratio():
 
 
 def test_a_model_without_a_decoder_or_a_cls_token_publishes_and_accepts_less():
-    names = [t.name for t in contract.outputs(entry(has_decoder=False, cls_tokens=0))]
+    names = [t.name for t in contract.outputs(entry(has_decoder=False, has_cls=False))]
     assert names == ["mean", "patches", "patch_indices", "mask"]
-    assert plan(None, entry(cls_tokens=0)).outputs == ("mean", "patches")  # the default skips what is not there
+    assert plan(None, entry(has_cls=False)).outputs == ("mean", "patches")  # the default skips what is not there
     with pytest.raises(APIError) as e:
         plan(["paste"], entry(has_decoder=False))
     assert e.value.status == 400 and "no pixel decoder" in e.value.message
     with pytest.raises(APIError):
-        plan(["cls"], entry(cls_tokens=0))
+        plan(["cls"], entry(has_cls=False))
 
 
 def test_binary_flags_per_output():

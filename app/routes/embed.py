@@ -49,6 +49,9 @@ async def embed(
     service: Annotated[Service, Depends(get_service)],
 ) -> Response:
     p = call.params
+    has_cls = call.model.config.has_cls
+    if p.pool == "cls" and not has_cls:
+        raise NO_CLS  # before any image is decoded or run
     results = await pipeline.each(
         call.images, lambda b: pipeline.embed(service, call.model, b, call.mask, p.resize, call.deadline)
     )
@@ -58,10 +61,8 @@ async def embed(
             if isinstance(r, APIError):
                 raise r
             done.append(r)
-        return _binary(done, p)
+        return _binary(done, p, has_cls)
     first = results[0]
-    if p.pool == "cls" and isinstance(first, Embedded) and first.out.cls is None:
-        raise NO_CLS
     bodies = [r.body() if isinstance(r, APIError) else _json(r, p.pool) for r in results]
     if len(call.images) == 1:
         if isinstance(first, APIError):
@@ -90,11 +91,10 @@ def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
     return body
 
 
-def _binary(results: list[Embedded], p: EmbedParams) -> Response:
+def _binary(results: list[Embedded], p: EmbedParams, has_cls: bool) -> Response:
     """npy: one array (pool cls|mean|patches), npz: named arrays. Several images stack on a leading axis."""
     dt = np.float16 if p.dtype == "float16" else np.float32
     single = len(results) == 1
-    has_cls = results[0].out.cls is not None
 
     def stack(key: str) -> np.ndarray:
         arrs = [getattr(r.out, key) for r in results]
@@ -108,8 +108,6 @@ def _binary(results: list[Embedded], p: EmbedParams) -> Response:
                 "bad_parameter",
                 "format=npy holds one array: choose pool=cls|mean|patches, or format=npz for all of them",
             )
-        if p.pool == "cls" and not has_cls:
-            raise NO_CLS
         np.save(buf, stack(p.pool).astype(dt), allow_pickle=False)
         media, name = "application/x-npy", "embeddings.npy"
     else:

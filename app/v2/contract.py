@@ -48,11 +48,6 @@ class TensorInfo:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
 
 
-def has_cls(entry: ModelEntry) -> bool:
-    # vit-pytorch MAEs pooled by mean have no CLS token (model/vit_pytorch_mae.py); every official MAE has one.
-    return int(getattr(entry.config, "num_cls_tokens", 1)) > 0
-
-
 def inputs(entry: ModelEntry) -> list[TensorInfo]:
     return [TensorInfo(INPUT, "BYTES", [-1])]
 
@@ -61,7 +56,7 @@ def outputs(entry: ModelEntry) -> list[TensorInfo]:
     """What this model can answer (model metadata). -1: the request decides (images, visible patches)."""
     c = entry.config
     d, n, size = c.embed_dim, c.num_patches, c.img_size
-    out = [TensorInfo("cls", "FP32", [-1, d])] if has_cls(entry) else []
+    out = [TensorInfo("cls", "FP32", [-1, d])] if entry.config.has_cls else []
     out += [
         TensorInfo("mean", "FP32", [-1, d]),
         TensorInfo("patches", "FP32", [-1, -1, d]),
