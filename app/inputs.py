@@ -4,8 +4,9 @@
 - a raw body with Content-Type image/png, image/jpeg or image/webp;
 - application/json: {"image": "<base64>"} or {"images": ["<base64>", ...]} plus parameter fields.
 The body size cap is enforced while reading by `BodyGuard` (app/middleware.py), so nothing here can be
-made to buffer more than `max_body_bytes`. Parameter values are size-checked (`max_param_bytes`) before anything
-parses them, and a JSON body is parsed and its images base64-decoded in the I/O pool, never on the event loop.
+made to buffer more than `max_body_bytes`. Form fields are bounded by the multipart parser (`max_param_bytes`),
+JSON fields by app.params.parse before anything parses them, and a JSON body is parsed and its images
+base64-decoded in the I/O pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ async def read_inputs(
         images, fields = [await request.body()], {}
     elif ctype == "application/json":
         body = await request.body()
-        images, fields = await asyncio.get_running_loop().run_in_executor(
-            pool, _parse_json, body, settings.max_param_bytes
-        )
+        images, fields = await asyncio.get_running_loop().run_in_executor(pool, _parse_json, body)
     elif not ctype:
         raise APIError(
             415,
@@ -100,8 +99,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
         await form.close()
 
 
-def _parse_json(raw_body: bytes, max_param_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
-    """Runs in the I/O pool: JSON -> (images, parameter fields); a parameter over the size cap is refused here."""
+def _parse_json(raw_body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    """Runs in the I/O pool: JSON -> (images, parameter fields)."""
     try:
         body = json.loads(raw_body)
     except RecursionError:  # deeply nested arrays/objects: the decoder recurses once per level
@@ -116,11 +115,6 @@ def _parse_json(raw_body: bytes, max_param_bytes: int) -> tuple[list[bytes], dic
     if raw is None:
         single = body.pop("image", None)
         raw = [] if single is None else [single]
-    for key, value in body.items():
-        # Strings are what later parsing splits (a mask); a list is checked by its length against the model's patch
-        # count, once the model is known (app.schemas), before any item is looked at.
-        if isinstance(value, str) and len(value) > max_param_bytes:
-            raise APIError(413, "parameter_too_large", f"parameter {key!r} is over {max_param_bytes} bytes")
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise APIError(422, "bad_parameter", "'images' must be a list of base64 strings")
     images = []

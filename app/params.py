@@ -129,15 +129,28 @@ def call_for(cls: type[P]) -> Callable[..., Awaitable[Call[P]]]:
 
     async def dependency(request: Request, service: Annotated[Service, Depends(get_service)]) -> Call[P]:
         images, fields = await read_inputs(request, service.settings, service.io_pool)
-        params = parse(cls, _query(request), fields, service.registry.max_patches)
+        s = service.settings
+        params = parse(cls, _query(request), fields, service.registry.max_patches, s.max_param_bytes)
         seed = params.seed if params.seed is not None else draw_seed()
         return Call(params, images, service.model(params.model), seed, _deadline(request))
 
     return dependency
 
 
-def parse(cls: type[P], query: dict[str, str], fields: dict[str, Any], max_patches: int | None = None) -> P:
-    """Query + form/JSON fields -> the operation's parameters (the same name twice, differently, is an error)."""
+def parse(
+    cls: type[P],
+    query: dict[str, str],
+    fields: dict[str, Any],
+    max_patches: int | None = None,
+    max_param_bytes: int | None = None,
+) -> P:
+    """Query + form/JSON fields -> the operation's parameters (the same name twice, differently, is an error).
+    A string value over `max_param_bytes` is refused before anything parses it (a mask is split by validation); a
+    list is checked by its length against the model's patch count before any item is looked at."""
+    if max_param_bytes is not None:
+        for key, value in fields.items():
+            if isinstance(value, str) and len(value) > max_param_bytes:
+                raise APIError(413, "parameter_too_large", f"parameter {key!r} is over {max_param_bytes} bytes")
     merged = dict(fields)
     for k, v in query.items():
         if k in merged and str(merged[k]) != v:

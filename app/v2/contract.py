@@ -106,11 +106,8 @@ class Params(MaskParams):
 
 
 def parse_params(values: dict[str, Scalar], max_param_bytes: int, max_patches: int) -> Params:
-    for key, value in values.items():  # sized before anything parses them, as /v1's parameters
-        if isinstance(value, str) and len(value) > max_param_bytes:
-            raise APIError(413, "parameter_too_large", f"parameter {key!r} is over {max_param_bytes} bytes")
     try:
-        return parse(Params, {}, dict(values), max_patches)
+        return parse(Params, {}, dict(values), max_patches, max_param_bytes)  # sized before parsing, as /v1's
     except APIError as e:
         raise as_v2(e) from None
 
