@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from app import supervisor
 from app.settings import Settings
-from app.supervisor import ENGINE_ADDRESS, WORKER_FD
+from app.supervisor import ENGINE_ADDRESS, WORKER_FD, WORKER_INDEX
 
 if TYPE_CHECKING:  # imported in main(): the metrics must know first whether they are shared between processes
     from app.model_thread import Forward
@@ -99,6 +99,7 @@ def serve(settings: Settings, forward: Forward | None) -> int:
         forward=forward or model_thread.forward,
         on_load_failure=stop,
         engine_address=os.environ.get(ENGINE_ADDRESS) if fd else None,
+        serve_grpc=os.environ.get(WORKER_INDEX, "0") == "0",
     )
     state: Readiness = app.state.mae
     config = http_server.uvicorn_config(app, settings, max_connections)

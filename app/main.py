@@ -41,9 +41,11 @@ def create_app(
     load_in_background: bool = True,
     on_load_failure: Callable[[str], None] | None = None,
     engine_address: str | None = None,
+    serve_grpc: bool = True,
 ) -> FastAPI:
     """The ASGI app. `forward` runs a batch (tests pass a slow one). With load_in_background=False the lifespan loads
-    before serving (tests). `engine_address`: an HTTP worker's; the model process there has the models (app.remote)."""
+    before serving (tests). `engine_address`: an HTTP worker's; the model process there has the models (app.remote).
+    `serve_grpc`: False in all HTTP workers but one (MAE_GRPC_PORT has one listener)."""
     settings = settings or Settings()
     if engine_address:
         torch.set_num_threads(1)  # nothing here runs the model
@@ -76,7 +78,7 @@ def create_app(
                 raise
 
         grpc_server = None
-        if settings.grpc_port is not None:
+        if settings.grpc_port is not None and serve_grpc:
             from app.v2 import grpc  # grpcio and the protocol's messages load only when gRPC is on
 
             try:

@@ -7,6 +7,7 @@
   /healthz meanwhile) and report ready once the model process has answered them; a worker that starts while the
   model process already serves takes no connection before it is ready.
 - Metrics are shared (prometheus_client's multiprocess mode): any worker's /metrics shows every process's counts.
+- MAE_GRPC_PORT: worker 0 serves gRPC (one port has one listener), through the same model process.
 - A worker that dies is started again. SIGTERM (or SIGINT): every worker drains (as a single process does: /readyz
   503, in-flight requests finish within MAE_SHUTDOWN_TIMEOUT_S), then the engine stops and the process exits 0.
 """
@@ -35,6 +36,7 @@ log = logging.getLogger("mae.supervisor")
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_FD = "MAE_WORKER_FD"  # set for a worker: it is an HTTP worker serving this listening socket
 ENGINE_ADDRESS = "MAE_ENGINE_ADDRESS"  # set for a worker: where the model process answers
+WORKER_INDEX = "MAE_WORKER_INDEX"  # set for a worker: 0..N-1 (kept by a replacement); worker 0 also serves gRPC
 
 
 def prepare_metrics() -> None:
@@ -78,10 +80,11 @@ async def _supervise(settings: Settings, forward: Forward | None, sock: socket.s
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", *argv], env=env, pass_fds=(sock.fileno(),))
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", *argv], env={**env, WORKER_INDEX: str(index)},
+                                pass_fds=(sock.fileno(),))  # fmt: skip
 
-    workers = [spawn() for _ in range(settings.workers)]
+    workers = [spawn(i) for i in range(settings.workers)]
     log.info("model process %d: %d HTTP workers on %s:%d (pids %s)", os.getpid(), settings.workers, settings.host,
              sock.getsockname()[1], ", ".join(str(w.pid) for w in workers))  # fmt: skip
     code = 0
@@ -105,7 +108,7 @@ async def _supervise(settings: Settings, forward: Forward | None, sock: socket.s
                 if w.poll() is not None:
                     log.warning("worker %d exited with %s; starting another", w.pid, w.returncode)
                     multiprocess.mark_process_dead(w.pid)
-                    workers[i] = spawn()
+                    workers[i] = spawn(i)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
     finally:

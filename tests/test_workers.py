@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.harness import ServerProcess, metric_value
+from app.harness import ServerProcess, free_port, metric_value
 from tests.serving import image_bytes
+from tests.test_vit_pytorch import make_reference, ref, save, sidecar  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +132,31 @@ def test_batching_stays_global_and_abandoned_work_is_dropped(weights):
     computed = metric_value(m, "mae_images_total", op="embed") - 9
     assert dropped >= 3 and computed + dropped == 6, (dropped, computed)
     assert metric_value(m, "mae_requests_total", route="/v1/embed", status="499") == 6
+
+
+def test_workers_know_the_model_as_the_model_process_does_and_one_serves_grpc(ref, tmp_path):  # noqa: F811
+    """A vit-pytorch MAE pooled by mean has no CLS token: the workers' /v1 and /v2 say so before any compute, as one
+    process does. With MAE_GRPC_PORT one worker serves gRPC; the others do not fight it for the port."""
+    tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+    weights = save(tmp_path, make_reference(ref, "mean").state_dict(), sidecar("mean"))
+    with server(weights, MAE_WORKERS="2", MAE_GRPC_PORT=str(free_port())) as s:
+        grpc_port = s.env["MAE_GRPC_PORT"]
+        before = worker_pids(s.url)
+        no_cls = post(s.url, "/v1/embed", pool="cls")
+        npy = post(s.url, "/v1/embed", pool="cls", format="npy")
+        mean = post(s.url, "/v1/embed", pool="mean")
+        name = httpx.get(s.url + "/v1/models").json()["models"][0]["name"]
+        outputs = [o["name"] for o in httpx.get(f"{s.url}/v2/models/{name}").json()["outputs"]]
+        client = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        grpc_ready = client.is_server_ready() and client.is_model_ready(name)
+        client.close()
+        time.sleep(2.0)  # a worker that lost the port would have exited and been replaced by now
+        after = worker_pids(s.url)
+    assert grpc_ready
+    assert len(before) == 2 and before == after, (before, after)
+    assert no_cls.status_code == npy.status_code == 422 and no_cls.json()["error"]["code"] == "no_cls_token"
+    assert mean.status_code == 200 and "cls" not in mean.json()
+    assert "cls" not in outputs and "mean" in outputs, outputs
 
 
 def test_a_dead_worker_is_replaced_and_sigterm_drains_all(weights):
