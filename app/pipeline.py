@@ -88,9 +88,8 @@ class Embedded:
 async def reconstruct(
     service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
 ) -> Reconstructed:
-    if not entry.config.has_decoder:
-        raise APIError(422, "no_decoder", f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct")
-    image, out = await _run(service, entry, "reconstruct", data, mask, resize, deadline)
+    _require_decoder(entry)
+    image, (out,) = await _run(service, entry, ("reconstruct",), data, mask, resize, deadline)
     assert isinstance(out, Reconstruction)
     return Reconstructed(entry, image, out, mask.drawn_seed)
 
@@ -98,8 +97,27 @@ async def reconstruct(
 async def embed(
     service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
 ) -> Embedded:
-    image, out = await _run(service, entry, "embed", data, mask, resize, deadline)
+    _, (out,) = await _run(service, entry, ("embed",), data, mask, resize, deadline)
     assert isinstance(out, Embedding)
+    return _embedded(entry, out, mask)
+
+
+async def reconstruct_and_embed(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> tuple[Reconstructed, Embedded]:
+    """Both passes on one decode of the image, on the same mask (the v2 front-end, asked for both kinds of output)."""
+    _require_decoder(entry)
+    image, (rec, emb) = await _run(service, entry, ("reconstruct", "embed"), data, mask, resize, deadline)
+    assert isinstance(rec, Reconstruction) and isinstance(emb, Embedding)
+    return Reconstructed(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
+
+
+def _require_decoder(entry: ModelEntry) -> None:
+    if not entry.config.has_decoder:
+        raise APIError(422, "no_decoder", f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct")
+
+
+def _embedded(entry: ModelEntry, out: Embedding, mask: MaskSpec) -> Embedded:
     drew = mask.indices is None and mask.ratio != 0
     return Embedded(entry, out, mask.seed if drew else None)
 
@@ -107,19 +125,21 @@ async def embed(
 async def _run(
     service: Service,
     entry: ModelEntry,
-    op: Op,
+    ops: tuple[Op, ...],
     data: bytes,
     mask: MaskSpec,
     resize: ResizeMode,
     deadline: float | None,
-) -> tuple[np.ndarray, Result]:
+) -> tuple[np.ndarray, list[Result]]:
+    """Decode once, then one engine submission per op (side by side: they may share batches with others)."""
     s, c = service.settings, entry.config
     try:
         with service.engine.coming():  # while this decodes, a partial batch may wait for it (app.engine)
-            image, masking = await asyncio.get_running_loop().run_in_executor(
-                service.io_pool, _prepare, data, c, mask, op, resize, s
+            image, maskings = await asyncio.get_running_loop().run_in_executor(
+                service.io_pool, _prepare, data, c, mask, ops, resize, s
             )
-        return image, await service.engine.submit(entry, op, image, masking, deadline)
+        submits = (service.engine.submit(entry, op, image, m, deadline) for op, m in zip(ops, maskings, strict=True))
+        return image, list(await asyncio.gather(*submits))
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -127,12 +147,13 @@ async def _run(
 
 
 def _prepare(
-    data: bytes, c: ModelConfig, mask: MaskSpec, op: Op, resize: ResizeMode, s: Settings
-) -> tuple[np.ndarray, Masking | None]:
-    """In the I/O pool: the image decoded and resized to the model's input, and its masking (off the event loop)."""
+    data: bytes, c: ModelConfig, mask: MaskSpec, ops: tuple[Op, ...], resize: ResizeMode, s: Settings
+) -> tuple[np.ndarray, list[Masking | None]]:
+    """In the I/O pool: the image decoded and resized to the model's input, and each op's masking (off the loop)."""
     draft = c.img_size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
     im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
-    return imaging.preprocess(im, c.img_size, resize), mask.masking(c.num_patches, encoder_only=op == "embed")
+    maskings = [mask.masking(c.num_patches, encoder_only=op == "embed") for op in ops]
+    return imaging.preprocess(im, c.img_size, resize), maskings
 
 
 async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | APIError]:

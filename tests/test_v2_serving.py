@@ -99,6 +99,33 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
         np.testing.assert_allclose(v1_cls, alone["cls"], rtol=1e-5, atol=1e-5)
 
 
+def test_both_kinds_of_output_decode_each_image_once_on_one_mask(weights, monkeypatch):
+    """outputs=[cls, mask, paste]: the encoder pass and the full pass run on one decode of each image, on the same mask,
+    and answer as /v1/embed and /v1/reconstruct do with that mask."""
+    from app import imaging
+
+    decodes: list[int] = []
+    real = imaging.decode
+    monkeypatch.setattr(imaging, "decode", lambda data, *a, **k: decodes.append(len(data)) or real(data, *a, **k))
+    other = image_bytes(40, 56, seed=1)
+    with TestClient(create_app(Settings(weights=str(weights), warmup=False), load_in_background=False)) as c:
+        body, headers = v2_body(PNG, other, outputs=("cls", "mask", "mse"), mask_ratio=0.5, seed=4)
+        r = c.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert sorted(decodes) == sorted([len(PNG), len(other)]), decodes  # one decode per image
+        out = {o["name"]: o for o in json_header(r)["outputs"]}
+        for i, image in enumerate((PNG, other)):
+            rec = c.post("/v1/reconstruct", params={"format": "json", "mask_ratio": 0.5, "seed": 4}, content=image,
+                         headers={"Content-Type": "image/png"}).json()  # fmt: skip
+            emb = c.post("/v1/embed", params={"mask_ratio": 0.5, "seed": 4, "pool": "cls"}, content=image,
+                         headers={"Content-Type": "image/png"}).json()  # fmt: skip
+            mask = np.asarray(out["mask"]["data"]).reshape(out["mask"]["shape"])[i]
+            assert np.flatnonzero(mask).tolist() == rec["mask"]
+            assert abs(out["mse"]["data"][i] - rec["mse"]) < 1e-6
+            cls = np.asarray(out["cls"]["data"], dtype=np.float32).reshape(out["cls"]["shape"])[i]
+            np.testing.assert_allclose(cls, emb["cls"], rtol=1e-5, atol=1e-5)
+
+
 def json_header(r: httpx.Response) -> dict:
     n = r.headers.get(HEADER_LENGTH)
     return json.loads(r.content if n is None else r.content[: int(n)])

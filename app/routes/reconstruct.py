@@ -51,8 +51,11 @@ async def reconstruct(
             raise r
         png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
         return Response(png, media_type="image/png", headers={**sha, **_headers(r, p.view)})
-    bodies = [x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
-              for x in results]  # fmt: skip
+
+    async def body(x: Reconstructed | APIError) -> dict[str, Any]:
+        return x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
+
+    bodies = await asyncio.gather(*map(body, results))  # several images: their PNGs encode side by side
     if len(call.images) == 1:
         if isinstance(results[0], APIError):
             raise results[0]

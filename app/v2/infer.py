@@ -33,22 +33,21 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
         until = time.monotonic() + p.timeout / 1e6
         deadline = until if deadline is None else min(deadline, until)
 
-    async def reconstruct() -> list[Reconstructed | APIError]:
-        if not plan.pixels:
-            return []
-        return await pipeline.each(
+    recons: list[Reconstructed] = []
+    embeds: list[Embedded] = []
+    if plan.pixels and plan.embed:  # both passes: one decode per image, its two submissions side by side
+        pairs = _all_or_error(await pipeline.each(
+            req.images, lambda b: pipeline.reconstruct_and_embed(service, entry, b, mask, p.resize, deadline)
+        ))  # fmt: skip
+        recons, embeds = [r for r, _ in pairs], [e for _, e in pairs]
+    elif plan.pixels:
+        recons = _all_or_error(await pipeline.each(
             req.images, lambda b: pipeline.reconstruct(service, entry, b, mask, p.resize, deadline)
-        )
-
-    async def embed() -> list[Embedded | APIError]:
-        if not plan.embed:
-            return []
-        return await pipeline.each(req.images, lambda b: pipeline.embed(service, entry, b, mask, p.resize, deadline))
-
-    # Both passes at once (each answers per image, never raises for one), so their images queue together.
-    both = await asyncio.gather(reconstruct(), embed())
-    recons: list[Reconstructed] = _all_or_error(both[0])
-    embeds: list[Embedded] = _all_or_error(both[1])
+        ))  # fmt: skip
+    else:
+        embeds = _all_or_error(await pipeline.each(
+            req.images, lambda b: pipeline.embed(service, entry, b, mask, p.resize, deadline)
+        ))  # fmt: skip
     outputs = await asyncio.get_running_loop().run_in_executor(
         service.io_pool, assemble, plan, embeds, recons, p.dtype == "FP16", entry.config.num_patches
     )
