@@ -182,15 +182,6 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its threads, in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def system_busy_s() -> float:
     """CPU seconds all processes on the machine have used since boot (every core; idle and iowait excluded)."""
     try:

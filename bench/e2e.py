@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.harness import ServerProcess
+from app.harness import ServerProcess, metric_value
 from bench import loadgen
 from bench.common import (
     BENCH,
@@ -107,14 +107,6 @@ def parse_batch_sizes(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def parse_counter(text: str, metric: str, op: str) -> float:
-    """The value of `metric{op="..."}` (a counter or a histogram's _sum / _count) in /metrics text; 0 if absent."""
-    for line in text.splitlines():
-        if line.startswith(metric + "{") and f'op="{op}"' in line:
-            return float(line.rpartition(" ")[2])
-    return 0.0
-
-
 def batch_delta(before: dict, after: dict, op: str) -> dict[str, Any]:
     """Batches formed between two scrapes: count, mean size, and counts per bucket (1, 2, 3-4, 5-8, ...)."""
     a, b = before.get(op, {}), after.get(op, {})
@@ -147,8 +139,8 @@ def run_level(server: Server, endpoint: str, payloads: list[bytes], conc: int, a
             _, body = await loadgen.fetch(HOST, server.port, "/metrics")
             text = body.decode()
             d["batch"] = parse_batch_sizes(text)
-            d["compute_s"] = parse_counter(text, "mae_compute_seconds_sum", endpoint)
-            d["images"] = parse_counter(text, "mae_images_total", endpoint)
+            d["compute_s"] = metric_value(text, "mae_compute_seconds_sum", op=endpoint)
+            d["images"] = metric_value(text, "mae_images_total", op=endpoint)
         return d
 
     res = asyncio.run(

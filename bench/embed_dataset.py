@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.harness import metric_value
 from bench import loadgen
 from bench.common import (
     PHOTOS,
@@ -40,7 +41,6 @@ from bench.common import (
     TRAINING,
     VITB_DIR,
     WEIGHTS,
-    cpu_seconds,
     machine,
     paused,
     photos,
@@ -48,7 +48,7 @@ from bench.common import (
     table,
     write_json,
 )
-from bench.e2e import HOST, Server, parse_counter
+from bench.e2e import HOST, Server
 
 BOUNDARY = loadgen.BOUNDARY
 TINY = WEIGHTS / "mae_test_random.safetensors"
@@ -99,19 +99,13 @@ def multipart(port: int, path: str, images: list[tuple[str, bytes]]) -> bytes:
     return head.encode() + body
 
 
-def metrics_text(server: Server) -> str:
-    _, body = asyncio.run(loadgen.fetch(HOST, server.port, "/metrics"))
-    return body.decode()
-
-
 def server_level(server: Server, files: list[tuple[str, bytes]], query: str, k: int, conc: int, args) -> dict:
     """The server's images/s with `conc` closed-loop clients posting `k` images a request."""
     path = f"/v1/embed?{query}"
     payloads = [multipart(server.port, path, [files[(i * k + j) % len(files)] for j in range(k)]) for i in range(12)]
-    pid = server.proc.pid  # type: ignore[union-attr]
 
     async def probe() -> dict:
-        return {"cpu_s": cpu_seconds(pid), "sys_s": system_busy_s(), "self_s": time.process_time(),
+        return {"cpu_s": server.cpu_seconds(), "sys_s": system_busy_s(), "self_s": time.process_time(),
                 "t": time.perf_counter()}  # fmt: skip
 
     res = asyncio.run(
@@ -138,20 +132,19 @@ def dataset_run(server: Server, src: Path, out: Path, args, concurrency: str = "
            str(out), "--pool", args.pool, "--dtype", args.dtype, "--no-progress"]  # fmt: skip
     if concurrency != "auto":
         cmd += ["--concurrency", concurrency]
-    before = parse_counter(metrics_text(server), "mae_images_total", "embed")
-    pid = server.proc.pid  # type: ignore[union-attr]
-    cpu0, sys0, kids0 = cpu_seconds(pid), system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = metric_value(server.metrics(), "mae_images_total", op="embed")
+    cpu0, sys0, kids0 = server.cpu_seconds(), system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = (kids.ru_utime - kids0.ru_utime) + (kids.ru_stime - kids0.ru_stime)
-    server_cpu = cpu_seconds(pid) - cpu0
+    server_cpu = server.cpu_seconds() - cpu0
     if p.returncode != 0:
         raise SystemExit(f"embed-dataset failed ({p.returncode}):\n{p.stderr[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     r = manifest["runs"][-1]
-    computed = parse_counter(metrics_text(server), "mae_images_total", "embed") - before
+    computed = metric_value(server.metrics(), "mae_images_total", op="embed") - before
     row = {
         "what": f"embed-dataset ({concurrency})", "per_request": r["batch"], "concurrency": r["concurrency"],
         "images_per_s": r["images_per_s"], "run_s": r["seconds"], "process_wall_s": wall,

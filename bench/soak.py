@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from bench import loadgen
@@ -45,21 +44,8 @@ def mix(port: int, pics: list[tuple[str, bytes]]) -> tuple[list[bytes], int]:
     return good + bad, len(bad)
 
 
-def process_tree(pid: int) -> list[int]:
-    """The server and its children (MAE_WORKERS > 1: the HTTP workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for t in Path(f"/proc/{p}/task").iterdir():
-                kids = (t / "children").read_text().split()
-                todo.extend(int(k) for k in kids)
-    return out
-
-
-def sample(pid: int, t0: float) -> dict[str, float]:
-    procs = process_tree(pid)
+def sample(server: Server, t0: float) -> dict[str, float]:
+    procs = server.pids()
     rss = sum(rss_kib(p).get("VmRSS", 0) for p in procs) / 1024
     fds = threads = 0
     for p in procs:
@@ -97,7 +83,7 @@ def slope_mib_per_hour(samples: list[dict[str, float]]) -> float:
 
 async def soak(server: Server, payloads: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
-    samples = [sample(server.pid, t0)]
+    samples = [sample(server, t0)]
     statuses: dict[str, int] = {}
     stop = asyncio.Event()
     vanisher = asyncio.create_task(vanishing_clients(server.port, stop))
@@ -106,7 +92,7 @@ async def soak(server: Server, payloads: list[bytes], args: argparse.Namespace) 
                                         duration_s=args.sample_s, min_rounds=0, max_window_s=args.sample_s)  # fmt: skip
         for r in res.records:
             statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-        samples.append(sample(server.pid, t0))
+        samples.append(sample(server, t0))
         last = samples[-1]
         print(f"[soak] {last['t_s']:6.0f} s  RSS {last['rss_mib']:7.1f} MiB  fds {last['fds']}  threads "
               f"{last['threads']}  answers {sum(statuses.values())}", flush=True)  # fmt: skip

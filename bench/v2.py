@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.harness import free_port
+from app.harness import free_port, metric_value
 from app.v2.tensors import HEADER_LENGTH, join_bytes
 from bench import loadgen
-from bench.common import TRAINING, VITB_DIR, cpu_seconds, machine, paused, photos, table, write_json
-from bench.e2e import HOST, Server, batch_delta, parse_batch_sizes, parse_counter
+from bench.common import TRAINING, VITB_DIR, machine, paused, photos, table, write_json
+from bench.e2e import HOST, Server, batch_delta, parse_batch_sizes
 
 V1_QUERIES = {"embed": "/v1/embed?pool=cls", "reconstruct": "/v1/reconstruct?mask_ratio=0.75"}
 V2_OUTPUT = {"embed": "cls", "reconstruct": "paste"}
@@ -112,13 +112,12 @@ async def grpc_closed_loop(address: str, payloads: list[bytes], concurrency: int
 
 def measure(server: Server, endpoint: str, protocol: str, payloads: list[bytes], conc: int,
             args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    pid = server.proc.pid  # type: ignore[union-attr]
 
     async def probe() -> dict[str, Any]:
         _, body = await loadgen.fetch(HOST, server.port, "/metrics")
         text = body.decode()
-        return {"t": time.perf_counter(), "cpu_s": cpu_seconds(pid), "batch": parse_batch_sizes(text),
-                "images": parse_counter(text, "mae_images_total", endpoint)}  # fmt: skip
+        return {"t": time.perf_counter(), "cpu_s": server.cpu_seconds(), "batch": parse_batch_sizes(text),
+                "images": metric_value(text, "mae_images_total", op=endpoint)}  # fmt: skip
 
     if protocol == "grpc":
         res = asyncio.run(grpc_closed_loop(server.grpc_address, payloads, conc, args, probe))
