@@ -43,9 +43,6 @@ class Service:
             raise APIError(422, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
         return self.registry.get(name)
 
-    def retry_after(self) -> dict[str, str]:
-        return {"Retry-After": str(self.settings.retry_after_s)}
-
 
 @dataclass
 class Readiness:
@@ -57,6 +54,13 @@ class Readiness:
     draining: bool = False
     startup_error: str | None = None
     on_drain: list[Callable[[float], None]] = field(default_factory=list)  # other front-ends' graceful stops (gRPC)
+
+    def service_or_503(self) -> Service:
+        """The service, for work that needs the model (HTTP routes, gRPC calls): 503 while loading or draining."""
+        if self.service is None or self.draining:
+            raise APIError(503, "not_ready", "the model is still loading or the server is shutting down",
+                           {"Retry-After": str(self.settings.retry_after_s)})  # fmt: skip
+        return self.service
 
     @property
     def ready(self) -> bool:
@@ -82,15 +86,7 @@ async def readiness(request: Request) -> Readiness:
 
 async def get_service(request: Request) -> Service:
     """For routes that need the model: 503 until the models are loaded and warm, and while draining."""
-    r = get_readiness(request)
-    if r.service is None or r.draining:
-        raise APIError(
-            503,
-            "not_ready",
-            "the model is still loading or the server is shutting down",
-            {"Retry-After": str(r.settings.retry_after_s)},
-        )
-    return r.service
+    return get_readiness(request).service_or_503()
 
 
 # ---------------------------------------------------------------------------------------------- start-up

@@ -74,8 +74,8 @@ def bad(message: str) -> APIError:
 
 
 def as_v2(e: APIError) -> APIError:
-    """The v2 status of an answer: v2 has no 415 or 422 (an undecodable element or a bad parameter is a bad request,
-    as Triton answers it); the message stays."""
+    """The v2 status of an answer, applied once where it leaves (rest.infer_route, grpc._rpc): v2 has no 415 or
+    422 (an undecodable element or a bad parameter is a bad request, as Triton answers it); the message stays."""
     if e.status in (415, 422):
         return APIError(400, e.code, e.message, e.headers)
     return e
@@ -106,10 +106,7 @@ class Params(MaskParams):
 
 
 def parse_params(values: dict[str, Scalar], max_param_bytes: int, max_patches: int) -> Params:
-    try:
-        return parse(Params, {}, dict(values), max_patches, max_param_bytes)  # sized before parsing, as /v1's
-    except APIError as e:
-        raise as_v2(e) from None
+    return parse(Params, {}, dict(values), max_patches, max_param_bytes)  # sized before parsing, as /v1's
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -67,10 +67,7 @@ class Servicer:
                 if key == "authorization":
                     given = value if isinstance(value, str) else value.decode("latin-1")
             check_bearer(r.settings.api_key_list, given)
-        if r.service is None or r.draining:
-            raise APIError(503, "not_ready", "the model is still loading or the server is shutting down",
-                           {"Retry-After": str(r.settings.retry_after_s)})  # fmt: skip
-        return r.service
+        return r.service_or_503()
 
     # ------------------------------------------------------------------ health and metadata
     async def ServerLive(self, request: Any, context: Context) -> Any:

@@ -63,10 +63,9 @@ def _all_or_error(results: list[T | APIError]) -> list[T]:
     done: list[T] = []
     for i, r in enumerate(results):
         if isinstance(r, APIError):
-            e = contract.as_v2(r)
             if len(results) > 1:
-                e = APIError(e.status, e.code, f"image {i}: {e.message}", e.headers)
-            raise e
+                raise APIError(r.status, r.code, f"image {i}: {r.message}", r.headers)
+            raise r
         done.append(r)
     return done
 
