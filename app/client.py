@@ -31,9 +31,9 @@ from app.dataset import load_embeddings, load_index
 from app.dataset.runner import DEFAULT_SHARD_SIZE, DTYPES, POOLS, RESIZES, Options, Summary, run
 from app.dataset.send import Fatal
 from app.dataset.store import StoreError
+from app.imaging import media_type
 
 __all__ = ["MAEClient", "MAEError", "load_embeddings", "load_index", "main"]
-_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
 class MAEError(RuntimeError):
@@ -46,7 +46,7 @@ def _image_bytes(image: str | Path | bytes) -> tuple[bytes, str]:
     if isinstance(image, bytes):
         return image, "image/png" if image.startswith(b"\x89PNG") else "image/jpeg"
     p = Path(image)
-    return p.read_bytes(), _TYPES.get(p.suffix.lower(), "application/octet-stream")
+    return p.read_bytes(), media_type(p.name)
 
 
 def _params(**kw: Any) -> dict[str, str]:

@@ -27,6 +27,18 @@ _MAGIC = {
     b"\x89PNG\r\n\x1a\n": "PNG",
     b"\xff\xd8\xff": "JPEG",
 }
+# The media type a client sends for a file, by its suffix (the CLI client, embed-dataset).
+_MEDIA_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "jfif": "image/jpeg",
+    "webp": "image/webp",
+}
+
+
+def media_type(filename: str) -> str:
+    return _MEDIA_TYPES.get(filename.rsplit(".", 1)[-1].lower(), "application/octet-stream")
 
 
 class ImageError(ValueError):

@@ -23,11 +23,10 @@ import httpx
 import numpy as np
 
 from app.dataset.sources import Item
+from app.imaging import media_type, sniff_format
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 FATAL_STATUSES = frozenset({401, 403, 404, 405, 422})
-_CTYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "jfif": "image/jpeg", "webp": "image/webp"}
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 class Fatal(RuntimeError):
@@ -41,11 +40,7 @@ class Unavailable(Fatal):
 def batchable(data: bytes) -> bool:
     """Bytes that look like an image the server takes (PNG, JPEG, WebP). Anything else is sent alone, so that its
     refusal cannot fail a whole request of good images; the server still decides."""
-    return data.startswith(_MAGIC) or (len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def content_type(path: str) -> str:
-    return _CTYPES.get(path.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+    return sniff_format(data) is not None
 
 
 def retry_after_s(r: httpx.Response | None) -> float:
@@ -130,7 +125,7 @@ class Sender:
         files: list[tuple[str, tuple[str, bytes, str]]] = []
         for item in items:
             assert item.data is not None, "only items with bytes are sent"
-            files.append(("image", (item.path.rsplit("/", 1)[-1], item.data, content_type(item.path))))
+            files.append(("image", (item.path.rsplit("/", 1)[-1], item.data, media_type(item.path))))
         for attempt in range(self.max_retries + 1):
             r: httpx.Response | None = None
             async with self.slots:
