@@ -119,7 +119,7 @@ class Registry:
         entries: dict[str, ModelEntry] = {}
         for name, path in settings.weight_specs():
             if not settings.weights.strip() and not Path(path).exists():
-                entries[name] = cls._random_demo(name, device, dtype)
+                entries[name] = cls._random_demo(name, device, dtype, settings.cpu_kernels)
                 continue
             loaded = _load_one(name, path)
             model = _place(loaded.model, device, dtype, settings.cpu_kernels, name)
@@ -133,13 +133,13 @@ class Registry:
         return cls(entries)
 
     @staticmethod
-    def _random_demo(name: str, device: torch.device, dtype: torch.dtype) -> ModelEntry:
+    def _random_demo(name: str, device: torch.device, dtype: torch.dtype, kernels: CpuKernels) -> ModelEntry:
         log.warning("!" * 72)
         log.warning("NO BUNDLED WEIGHTS FOUND: serving a RANDOMLY INITIALISED model. Reconstructions are noise.")
         log.warning("Train one (README: 'Train the bundled model') or set MAE_WEIGHTS.")
         log.warning("!" * 72)
         torch.manual_seed(0)
-        model = _place(MAE(get_config("mae_vit_demo_patch16")), device, dtype, "auto", name)
+        model = _place(MAE(get_config("mae_vit_demo_patch16")), device, dtype, kernels, name)
         return ModelEntry(name, model, "(random init)", "random", "none", device, dtype, random_init=True)
 
 
