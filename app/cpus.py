@@ -2,8 +2,9 @@
 
 torch's default is the host's core count, whatever the process may use: under a container's CPU limit (a cgroup
 quota) or a CPU affinity mask that oversubscribes the process, and OpenMP threads that wait on each other collapse
-when one of their cores is taken by someone else (BENCHMARKS.md: the noisy-neighbour run). So: count the CPUs from
-the affinity mask and the cgroup quota, and keep some for decoding and encoding, which run beside the model.
+when one of their cores is taken by someone else (BENCHMARKS.md: the CPU-hog run of bench/host_path.py). So:
+count the CPUs from the affinity mask and the cgroup quota, and keep some for decoding and encoding, which run
+beside the model.
 """
 
 from __future__ import annotations

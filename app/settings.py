@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     )
 
     # --- security and lifecycle
-    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on /v1")
+    api_keys: str = Field("", description="comma-separated bearer tokens (/v1, /v2 and gRPC); empty = no auth")
     metrics_require_key: bool = Field(False, description="with MAE_API_KEYS set, /metrics needs a key too")
     weights_sha256: str = Field(
         "", description="pin: one sha256 (one model) or name=sha256,...; a file that differs refuses to start"

@@ -45,7 +45,8 @@ class Bare:
         t0 = time.perf_counter()
         self.model = load(weights).model.eval()
         self.load_s = time.perf_counter() - t0
-        switched = prepare_cpu_kernels(self.model, kernels)  # exactly what the engine does to a served CPU model
+        # exactly what app.registry._place does to a served CPU model
+        switched = prepare_cpu_kernels(self.model, kernels)
         self.kernels = ("onednn" if kernels == "auto" else kernels) if switched else "stock"
         self.config = self.model.config
         self.pool = images_tensor(self.config.img_size, max_batch)

@@ -3,7 +3,7 @@
     python -m bench.embed_dataset [--weights DIR|FILE | --tiny] [--images 400] [--pool cls] [--dtype float32]
                                   [--per-request 1,B] [--concurrency 1,2,4,8] [--duration 10] [--pause-training]
 
-1. mae-serve (`python -m app.main`) as a subprocess on loopback, the benchmark weights (ViT-B/16, as BENCHMARKS.md).
+1. mae-serve (`python -m app.cli`) as a subprocess on loopback, the benchmark weights (ViT-B/16, as BENCHMARKS.md).
 2. A dataset folder: `--images` files cycled from the photos of bench.common.PHOTOS (distinct names, real JPEGs).
 3. The server's best: bench/loadgen.py's closed loop (pre-built requests, raw sockets, ~1% of a core) posting the
    dataset's images with the run's settings (`/v1/embed?format=npz&pool=..&dtype=..`), for every images-per-request

@@ -7,7 +7,7 @@
 *sources* (whole packages) are held out for cross-source validation. Each photo is decoded, converted to RGB,
 downscaled to at most `max_side` pixels on its long side (Lanczos) and written as JPEG; its sha256 must equal the
 one in `data/MANIFEST.json`. Layout: `data/photos/{train,val_in,val_cross}/<source>/<name>.jpg`, so the folder
-above a file names its source (what `mae-evaluate --by-source` groups by).
+above a file names its source (what `mae-evaluate` groups its per-source table and `--rows-per-source` by).
 
 No root-wide install: packages are downloaded as .deb files with `apt-get download` (no root needed) and unpacked
 with `dpkg -x` into a cache folder. `--write-manifest` rewrites the manifest from what was built (after editing
