@@ -98,15 +98,20 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Send `sig` and wait; kill after `timeout`. Returns the exit status."""
+        """Send `sig` and wait; kill after `timeout`. Returns the exit status. Descendants the server left behind
+        (LitServe's inference workers outlive their parent, and keep polling a queue) are killed after it."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
+            tree = self.pids()
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+            for pid in tree[1:]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         return self.proc.returncode
 
     # What a caller may need to drive a shutdown step by step (a subclass may run the server another way).

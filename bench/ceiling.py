@@ -23,12 +23,15 @@ OPS = {"reconstruct": 0.75, "embed": 0.0}
 
 
 def images_tensor(size: int, n: int):
+    import numpy as np
     import torch
 
     from app import imaging
+    from app.model_thread import to_input
 
-    pics = [imaging.preprocess(imaging.decode(b, 10**9), size) for _, b in photos()]
-    return torch.stack([pics[i % len(pics)] for i in range(n)])
+    pics = [imaging.preprocess(imaging.decode(b, 10**9), size) for _, b in photos()]  # uint8 (H, W, 3), as served
+    batch = torch.from_numpy(np.stack([pics[i % len(pics)] for i in range(n)]))
+    return to_input(batch, torch.device("cpu"), torch.float32)  # what the engine hands the model
 
 
 class Bare:

@@ -61,7 +61,8 @@ class Server(ServerProcess):
         if kind == "mae":
             # cwd: another checkout's app/ (bench/ablation.py); model/ still comes from this repo
             args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--log-level", "warning"]
-            super().__init__(env, args=args, cwd=cwd)
+            module = "app.cli" if (cwd / "app" / "cli.py").exists() else "app.main"  # before #13 the CLI was main
+            super().__init__(env, module=module, args=args, cwd=cwd)
         elif kind.startswith("litserve"):  # litserve-reconstruct | litserve-embed: LitServe serves one API a server
             args = ["--host", "{host}", "--port", "{port}", "--weights", weights, "--op", kind.split("-", 1)[1],
                     *(f"--{k}={v}" for k, v in env.items())]  # fmt: skip

@@ -58,6 +58,8 @@ def json_bodies(server: Server, path: str, pics: list[tuple[str, bytes]]) -> lis
 def level(server: Server, label: str, op: str, payloads: list[bytes], conc: int, args: argparse.Namespace) -> dict:
     row = measure(server, op, payloads, conc, args)
     row.update(route=label, workers=server.env.get("MAE_WORKERS", "1"))
+    if row["errors"]:  # a server that refuses the requests measures nothing: stop, do not record 0 images/s
+        raise SystemExit(f"{server.label} {label}: {row['errors']} failed requests; see {server.log_path}")
     return row
 
 
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(parts[part](args, pics))
         result[part] = medians(runs)
         result[f"{part}_runs"] = runs
+        write_json(args.out, result)  # after every part: a later part's failure keeps what was measured
     cols = [
         ("route", "route", ""),
         ("workers", "workers", ""),

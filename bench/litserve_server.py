@@ -10,8 +10,8 @@ JSON body ({"image": "<base64>"}) and equal work:
 Each path is its own LitServer process (LitServe serves one API per server): --op reconstruct|embed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI, which would read
+# a string annotation as a query parameter (every request a 422).
 import argparse
 import base64
 import io
