@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="torch threads; 0 = from the CPUs this process may use (affinity, cgroup quota), a quarter "
-        "left to decoding and encoding; 1 with the model on a GPU",
+        "(rounded down) left to decoding and encoding; 1 with the model on a GPU",
     )
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off",

@@ -25,7 +25,7 @@ def test_cgroup_v2_and_v1_quotas(tmp_path):
 
 
 def test_threads_leave_room_for_decoding():
-    assert [cpus.torch_threads_for(n, on_gpu=False) for n in (0.5, 1, 2, 3, 4, 8, 16)] == [1, 1, 1, 2, 3, 6, 12]
+    assert [cpus.torch_threads_for(n, on_gpu=False) for n in (0.5, 1, 2, 3, 4, 8, 16)] == [1, 1, 2, 3, 3, 6, 12]
     assert cpus.torch_threads_for(1.5, on_gpu=False) == 1  # a quota of 1.5 CPUs: one thread
     assert cpus.torch_threads_for(16, on_gpu=True) == 1
 
