@@ -9,8 +9,9 @@ bench/loadgen.py's closed loop, 8 clients unless said otherwise):
          CPU-ms per image (every process of it, from /proc), per endpoint and answer format, MAE_WORKERS 1 and 2.
 - gil:   py-spy --gil on the one-process server under the same load: the GIL-held milliseconds per image.
 - peers: a small ViT (192 wide, 4 deep) and ViT-B/16: mae-serve (1 and 2 workers), LitServe (bench/litserve_server.py,
-         its documented dynamic batching) and the FastAPI + transformers baseline, all with the same weights and the
-         same input (JSON, base64 image), reconstruct (PNG of the paste view) and embed (CLS); beside them the
+         its documented dynamic batching) and, for ViT-B, the FastAPI + transformers baseline, all with the same
+         weights and the same input (JSON, base64 image; the baseline takes only a multipart upload), reconstruct
+         (PNG of the paste view) and embed (CLS); beside them the
          in-process pipeline ceiling (decode -> batch -> model -> encode, no HTTP, two decode threads, best batch)
          and the bare model's best batch (bench/ceiling.py).
 - hog:   the small ViT's reconstruct, quiet and with a busy loop pinned to one of the cores.
@@ -31,7 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.common import NULL, PYTHON, SMALL, TRAINING, VITB_DIR, machine, median, paused, photos, table, write_json
+from bench.common import (
+    NULL,
+    PYTHON,
+    REPO,
+    SMALL,
+    TRAINING,
+    VITB_DIR,
+    machine,
+    median,
+    paused,
+    photos,
+    table,
+    write_json,
+)
 from bench.e2e import HOST, Server, measure
 
 NULL_ROUTES = [  # (label, path, op)
@@ -64,10 +78,22 @@ def level(server: Server, label: str, op: str, payloads: list[bytes], conc: int,
 
 
 # ---------------------------------------------------------------------------------------------- parts
+def checkout(rev: str) -> Path:
+    """app/ and model/ of git revision `rev` in a temporary folder (a server of that revision runs from there)."""
+    out = Path(tempfile.mkdtemp(prefix="mae-before-"))
+    archive = subprocess.run(["git", "archive", rev, "app", "model"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
 def part_null(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
     rows = []
-    for workers in args.workers.split(","):
-        server = Server("mae", str(NULL), {"MAE_WORKERS": workers})
+    servers = [Server("mae", str(NULL), {"MAE_WORKERS": w}, label=f"mae-serve w{w}") for w in args.workers.split(",")]
+    # the lossy JPEG shortcut the old default took (MAE_JPEG_DRAFT), to compare like with like
+    servers.append(Server("mae", str(NULL), {"MAE_WORKERS": "1", "MAE_JPEG_DRAFT": "true"}, label="mae-serve w1 draft"))
+    if args.before:  # the same load on the code before this work, side by side on this machine
+        servers.insert(0, Server("mae", str(NULL), {}, label=f"before ({args.before})", cwd=checkout(args.before)))
+    for server in servers:
         server.start()
         try:
             for label, path, op in NULL_ROUTES:
@@ -87,7 +113,7 @@ def part_gil(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[di
             payloads = multipart(server, path, pics)
             asyncio.run(loadgen.closed_loop(HOST, server.port, payloads, args.clients, warmup_s=2, duration_s=1))
             out = Path(tempfile.mkstemp(suffix=".raw")[1])
-            rate, seconds = 100, args.duration
+            rate, seconds = 100, max(1, round(args.duration))  # py-spy takes whole seconds ("-d 8.0" is an error)
             spy_cmd = [str(Path(PYTHON).parent / "py-spy"), "record", "--gil", "-p", str(server.pid), "-r", str(rate),
                        "-d", str(seconds), "-f", "raw", "-o", str(out)]  # fmt: skip
             spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,7 +122,8 @@ def part_gil(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[di
                 loadgen.closed_loop(HOST, server.port, payloads, args.clients, warmup_s=0.1, duration_s=seconds)
             )
             elapsed = time.perf_counter() - t0
-            spy.wait()
+            if spy.wait() != 0:
+                raise SystemExit(f"py-spy failed ({spy.returncode}): {' '.join(spy_cmd)}")
             samples = sum(int(line.rpartition(" ")[2]) for line in out.read_text().splitlines() if line.strip())
             images = sum(1 for r in res.records if r.status == 200 and r.end - t0 <= seconds)
             rows.append(
@@ -128,8 +155,11 @@ def part_peers(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[
             for server in servers:
                 server.start()
                 try:
-                    url = f"/{op}" if server.kind.startswith("litserve") else path
-                    payloads = json_bodies(server, url, pics)
+                    if server.kind == "baseline":  # its one input form: a multipart upload
+                        payloads = multipart(server, path.split("?")[0], pics)
+                    else:
+                        url = f"/{op}" if server.kind.startswith("litserve") else path
+                        payloads = json_bodies(server, url, pics)
                     row = level(server, op, op, payloads, args.clients, args)
                     row.update(model=name, op=op)
                     rows.append(row)
@@ -144,7 +174,7 @@ def part_peers(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[
 
 def part_hog(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
     rows = []
-    for threads in ("0", "2"):
+    for threads in ("0", "1"):  # the CPU policy (2 threads on 2 CPUs) and one thread
         server = Server("mae", str(SMALL), {"MAE_TORCH_THREADS": threads}, label=f"mae-serve threads={threads}")
         server.start()
         try:
@@ -256,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default="null,gil,peers,hog")
     ap.add_argument("--models", default="small,vitb")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--before", default="51a7c74^", help="null part: also the server of this git revision ('' = no)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="whole runs of each part; the tables give medians")
     ap.add_argument("--duration", type=float, default=8.0)
@@ -282,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"{part}_runs"] = runs
         write_json(args.out, result)  # after every part: a later part's failure keeps what was measured
     cols = [
+        ("server", "server", ""),
         ("route", "route", ""),
         ("workers", "workers", ""),
         ("images_per_s", "images/s", ".1f"),
