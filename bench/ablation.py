@@ -16,23 +16,12 @@ Writes bench/results/ablation.json. With --reps 2 the variants run twice in alte
 from __future__ import annotations
 
 import argparse
-import io
-import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench import e2e, loadgen
-from bench.common import REPO, TRAINING, VITB_DIR, machine, paused, photos, table, write_json
-
-
-def checkout_app(rev: str, into: Path) -> Path:
-    """app/ of `rev`, read with `git archive` (no change to the repository or its worktree)."""
-    data = subprocess.run(["git", "-C", str(REPO), "archive", rev, "app"], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(into, filter="data")
-    return into
+from bench.common import REPO, TRAINING, VITB_DIR, checkout, machine, paused, photos, table, write_json
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +29,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mae-before-") as tmp:
-        before = checkout_app(args.before_rev, Path(tmp))
+        before = checkout(args.before_rev, Path(tmp))
         high = [int(c) for c in args.cap_concurrency.split(",") if c]
         variants = [
             (f"before ({args.before_rev})", {}, before, levels),

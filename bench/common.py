@@ -215,3 +215,15 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(data, indent=1, default=float) + "\n")
     print(f"[bench] wrote {path.relative_to(REPO)}", file=sys.stderr)
     return path
+
+
+def checkout(rev: str, into: Path, paths: Sequence[str] = ("app",)) -> Path:
+    """`paths` of git revision `rev` extracted into `into`, by `git archive` (no change to the repository or its
+    worktree): a server of that revision runs from there (ServerProcess's cwd comes first on its path)."""
+    import io
+    import tarfile
+
+    data = subprocess.run(["git", "-C", str(REPO), "archive", rev, *paths], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into

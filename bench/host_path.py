@@ -35,10 +35,10 @@ from bench import loadgen
 from bench.common import (
     NULL,
     PYTHON,
-    REPO,
     SMALL,
     TRAINING,
     VITB_DIR,
+    checkout,
     machine,
     median,
     paused,
@@ -78,28 +78,22 @@ def level(server: Server, label: str, op: str, payloads: list[bytes], conc: int,
 
 
 # ---------------------------------------------------------------------------------------------- parts
-def checkout(rev: str) -> Path:
-    """app/ and model/ of git revision `rev` in a temporary folder (a server of that revision runs from there)."""
-    out = Path(tempfile.mkdtemp(prefix="mae-before-"))
-    archive = subprocess.run(["git", "archive", rev, "app", "model"], cwd=REPO, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
-    return out
-
-
 def part_null(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
     rows = []
     servers = [Server("mae", str(NULL), {"MAE_WORKERS": w}, label=f"mae-serve w{w}") for w in args.workers.split(",")]
     # the lossy JPEG shortcut the old default took (MAE_JPEG_DRAFT), to compare like with like
     servers.append(Server("mae", str(NULL), {"MAE_WORKERS": "1", "MAE_JPEG_DRAFT": "true"}, label="mae-serve w1 draft"))
-    if args.before:  # the same load on the code before this work, side by side on this machine
-        servers.insert(0, Server("mae", str(NULL), {}, label=f"before ({args.before})", cwd=checkout(args.before)))
-    for server in servers:
-        server.start()
-        try:
-            for label, path, op in NULL_ROUTES:
-                rows.append(level(server, label, op, multipart(server, path, pics), args.clients, args))
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="mae-before-") as tmp:
+        if args.before:  # the same load on the code before this work (its app/ and model/), side by side
+            before = checkout(args.before, Path(tmp), ("app", "model"))
+            servers.insert(0, Server("mae", str(NULL), {}, label=f"before ({args.before})", cwd=before))
+        for server in servers:
+            server.start()
+            try:
+                for label, path, op in NULL_ROUTES:
+                    rows.append(level(server, label, op, multipart(server, path, pics), args.clients, args))
+            finally:
+                server.stop()
     return rows
 
 
