@@ -46,9 +46,9 @@ class ComputeFailed(EngineError):
 class Batcher(Protocol):
     """What the pipeline needs of an engine: this one, or app.remote.RemoteEngine in an HTTP worker."""
 
-    async def submit(
+    def submit(
         self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
-    ) -> Result: ...
+    ) -> asyncio.Future[Result]: ...
     def coming(self) -> contextlib.AbstractContextManager[None]: ...
     def cap(self, entry: ModelEntry) -> int: ...
     async def close(self, timeout: float) -> None: ...
@@ -111,15 +111,19 @@ class Engine:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(
+    def submit(
         self,
         entry: ModelEntry,
         op: Op,
         image: np.ndarray,
         masking: Masking | None,
         deadline: float | None = None,
-    ) -> Result:
-        """Queue one image; returns the model's per-image output. Raises Overloaded when the queue is full."""
+    ) -> asyncio.Future[Result]:
+        """Queue one image now; the future is the model's per-image output. Raises Overloaded when the queue is full.
+
+        Queued before this returns, so a caller inside `coming` has its image in the queue before it stops counting
+        as on its way (an `async def` would queue only when its task first ran: the batcher could go in between).
+        """
         if self._closing:
             metrics.REJECTS.labels("draining").inc()
             raise Overloaded("the server is shutting down")
@@ -130,11 +134,12 @@ class Engine:
         self._queue.append(item)
         metrics.QUEUE_DEPTH.set(len(self._queue))
         self._wakeup.set()
-        return await item.future
+        return item.future
 
     @contextlib.contextmanager
     def coming(self) -> Iterator[None]:
-        """Wrap the work before `submit` (decoding): while any image is in there, a partial batch waits for it."""
+        """Wrap the work before `submit` and the `submit` itself (decoding, then queueing): while any image is in
+        there, a partial batch waits for it."""
         self._coming += 1
         try:
             yield

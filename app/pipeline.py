@@ -133,16 +133,21 @@ async def _run(
 ) -> tuple[np.ndarray, list[Result]]:
     """Decode once, then one engine submission per op (side by side: they may share batches with others)."""
     s, c = service.settings, entry.config
+    answers: list[asyncio.Future[Result]] = []
     try:
-        with service.engine.coming():  # while this decodes, a partial batch may wait for it (app.engine)
+        # Until this image is queued, a partial batch may wait for it (app.engine): `submit` queues before it returns.
+        with service.engine.coming():
             image, maskings = await asyncio.get_running_loop().run_in_executor(
                 service.io_pool, _prepare, data, c, mask, ops, resize, s
             )
-        submits = (service.engine.submit(entry, op, image, m, deadline) for op, m in zip(ops, maskings, strict=True))
-        return image, list(await asyncio.gather(*submits))
+            for op, m in zip(ops, maskings, strict=True):
+                answers.append(service.engine.submit(entry, op, image, m, deadline))
+        return image, list(await asyncio.gather(*answers))
     except asyncio.CancelledError:
         raise
     except Exception as e:
+        for a in answers:  # a second op refused (queue full): the first is not computed for nobody
+            a.cancel(msg="refused")
         raise api_error(e, s.retry_after_s) from None
 
 

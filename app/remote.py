@@ -279,8 +279,13 @@ class RemoteEngine:
             else:
                 fut.set_exception(_ERRORS.get(h["kind"], ComputeFailed)(h["message"]))
 
-    async def submit(
+    def submit(
         self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
+    ) -> asyncio.Future[Result]:
+        return asyncio.ensure_future(self._submit(entry, op, image, masking, deadline))
+
+    async def _submit(
+        self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None
     ) -> Result:
         i = next(self._ids)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import time
 
@@ -163,3 +164,60 @@ def test_compiled_stacks_answer_as_eager(weights):
     (r0, e0), (r1, e1) = answers["off"], answers["default"]
     assert r0["mask"] == r1["mask"] and abs(r0["mse"] - r1["mse"]) < 1e-6
     assert np.allclose(e0["patches"], e1["patches"], atol=1e-5) and np.allclose(e0["cls"], e1["cls"], atol=1e-5)
+
+
+class _LoopSteps(concurrent.futures.Executor):
+    """An I/O pool that runs each job at once but answers it `steps[data]` event-loop steps later: every order of
+    decodes finishing against the batcher's wake-ups, deterministically."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, steps: dict[bytes, int]) -> None:
+        self.loop, self.steps = loop, steps
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        result = fn(*args, **kwargs)
+
+        def later(n: int) -> None:
+            if n:
+                self.loop.call_soon(later, n - 1)
+            else:
+                done.set_result(result)
+
+        later(self.steps[args[0]])
+        return done
+
+
+@pytest.mark.parametrize("steps", range(12))
+def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(monkeypatch, steps):
+    """Failed before the fix for some `steps` (batches [3, 1]): the last image's `coming` ended, waking the batcher,
+    before its submission was queued, so the partial batch of 3 left without it (CI: the OOM-split test, under load)."""
+    from types import SimpleNamespace
+
+    from app import pipeline
+    from app.settings import Settings
+
+    sizes: list[int] = []
+
+    def spy(e, op, images, masking):
+        sizes.append(int(images.shape[0]))
+        return model_thread.forward(e, op, images, masking)
+
+    def prepare(data, c, mask, ops, resize, s):
+        return np.zeros((c.img_size, c.img_size, 3), np.uint8), [None] * len(ops)
+
+    monkeypatch.setattr(pipeline, "_prepare", prepare)
+
+    async def scenario() -> None:
+        engine, entry = _engine(cap=8, max_wait_ms=1000, forward=spy)
+        engine.start()
+        pool = _LoopSteps(asyncio.get_running_loop(), {b"0": 0, b"1": 0, b"2": 1, b"3": 1 + steps})
+        service = SimpleNamespace(settings=Settings(), engine=engine, io_pool=pool)
+        mask = pipeline.MaskSpec(ratio=0.0, seed=0)
+        await pipeline.each(
+            [b"0", b"1", b"2", b"3"],
+            lambda b: pipeline.embed(service, entry, b, mask, "squash", None),  # type: ignore[arg-type]
+        )
+        await engine.close(1)
+
+    asyncio.run(scenario())
+    assert sizes == [4]
