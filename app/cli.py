@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from app import supervisor
+from app.cpus import prepare_runtime
 from app.settings import Settings
 from app.supervisor import ENGINE_ADDRESS, WORKER_FD, WORKER_INDEX
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None, forward: Forward | None = None) -> None:
     """Run mae-serve. `forward`: what runs a batch (tests/launch.py passes a slow one)."""
     settings = parse(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("%s", prepare_runtime())  # before anything imports torch
     if settings.workers > 1 and WORKER_FD not in os.environ:
         supervisor.prepare_metrics()  # before anything imports prometheus_client
         code = supervisor.run(settings, forward, argv or [])

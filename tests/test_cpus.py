@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from app import cpus
@@ -40,3 +44,45 @@ def test_configure_applies_the_setting_or_the_policy(monkeypatch):
         assert cpus.configure_torch_threads(2, on_gpu=False) == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
+
+
+OMP = "from app.cpus import prepare_runtime; prepare_runtime(); import torch; torch.ones(9**7)"
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
+    # libgomp prints how long its idle threads spin (OMP_DISPLAY_ENV): 0 only if the policy was set before torch
+    # loaded it; its default, unset, is 300,000 spins, and ACTIVE far more.
+    assert "GOMP_SPINCOUNT = '0'" in _child(OMP, OMP_DISPLAY_ENV="VERBOSE").stderr
+    active = _child(OMP, OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY="ACTIVE").stderr
+    assert "GOMP_SPINCOUNT = '" in active and "GOMP_SPINCOUNT = '0'" not in active
+    unset = _child(OMP.replace("prepare_runtime();", ""), OMP_DISPLAY_ENV="VERBOSE").stderr
+    assert "GOMP_SPINCOUNT = '" in unset and "GOMP_SPINCOUNT = '0'" not in unset  # what the test would see before
+
+
+FAULTS = """
+import resource, numpy as np
+from app import cpus
+if {tuned}:
+    assert cpus.keep_freed_memory()
+def batch():  # what a forward pass does: a few batch-sized tensors alive at once, then all freed
+    a = [np.ones(2**20) for _ in range(4)]  # 8 MiB each
+batch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    batch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_freed_batch_sized_blocks_are_reused_not_faulted_in_again():
+    untuned = int(_child(FAULTS.format(tuned=False)).stdout)
+    tuned = int(_child(FAULTS.format(tuned=True)).stdout)
+    assert untuned > 20 * 2000  # glibc's default gives most of it back each time: ~2048 page faults per 8 MiB
+    assert tuned < untuned / 10, (tuned, untuned)
