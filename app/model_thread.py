@@ -71,8 +71,9 @@ def to_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> 
     device (pinned, on CUDA), and become floats there, as x / 255 in float32 (the reference preprocessing)."""
     if device.type == "cuda":
         images = images.pin_memory()
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-    return x.to(dtype).contiguous()
+    # Channels first while still uint8 (a quarter of the bytes to move), then one float tensor divided in place.
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    return x.to(dtype)
 
 
 def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | None) -> list[Result]:
