@@ -32,7 +32,7 @@ def prepare_runtime() -> str:
       each worker spin for milliseconds after every parallel region, and between the model's batches that spinning
       took a third of the server's CPU (perf: 33 % in libgomp, null model), from the cores decoding and encoding
       need. With the malloc change: the null model's CPU per image -41 % (BENCHMARKS.md); a served ViT-B
-      within noise.
+      -6 %, within this VM's noise (GOMP_SPINCOUNT gives the spinning back).
     - malloc keeps freed blocks under 32 MiB for reuse: glibc's default maps each batch-sized tensor (a few MiB)
       fresh from the kernel and unmaps it when freed, so every batch pays a page fault per 4 KiB of each tensor
       (converting one batch of 8 images to floats took 12 ms instead of 1.8).
