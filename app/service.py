@@ -36,11 +36,12 @@ class Service:
     engine: Batcher  # app.engine.Engine, or in an HTTP worker app.remote.RemoteEngine
     io_pool: ThreadPoolExecutor  # decoding and encoding: Pillow and zlib release the GIL
 
-    def model(self, name: str | None) -> ModelEntry:
-        """The model a request names (the default when it names none); 422 for a name not loaded."""
+    def model(self, name: str | None, status: int = 422) -> ModelEntry:
+        """The model a request names (the default when it names none); `status` for a name not loaded: 422 where a
+        parameter names it (/v1), 404 where the path does (/v2)."""
         if name is not None and name not in self.registry:
             loaded = ", ".join(self.registry.entries)
-            raise APIError(422, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
+            raise APIError(status, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
         return self.registry.get(name)
 
 

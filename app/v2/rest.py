@@ -42,13 +42,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def find(service: Service, name: str, version: str | None = None) -> ModelEntry:
     """The model a v2 path names (the names of /v1/models); 404 for another name or version."""
-    if name not in service.registry:
-        loaded = ", ".join(service.registry.entries)
-        raise APIError(404, "unknown_model", f"unknown model {name!r}; loaded: {loaded}")
+    entry = service.model(name, status=404)
     if version not in (None, "", contract.VERSION):
         why = f"model {name!r} has no version {version!r}; it has {contract.VERSION!r}"
         raise APIError(404, "unknown_version", why)
-    return service.registry.get(name)
+    return entry
 
 
 def model_metadata(entry: ModelEntry) -> dict[str, Any]:
