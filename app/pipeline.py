@@ -146,7 +146,7 @@ async def _run(
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        for a in answers:  # a second op refused (queue full): the first is not computed for nobody
+        for a in answers:  # a second op was refused (queue full): the first would be computed for no one
             a.cancel(msg="refused")
         raise api_error(e, s.retry_after_s) from None
 
