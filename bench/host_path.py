@@ -55,6 +55,7 @@ NULL_ROUTES = [  # (label, path, op)
     ("embed all json", "/v1/embed?pool=all", "embed"),
     ("embed npz", "/v1/embed?format=npz", "embed"),
 ]
+HEADLINE_ROUTES = [NULL_ROUTES[0], NULL_ROUTES[2]]  # reconstruct PNG and embed CLS JSON: the issue's two figures
 MODELS = {"small": SMALL, "vitb": VITB_DIR, "null": NULL}
 
 
@@ -67,6 +68,32 @@ def json_bodies(server: Server, path: str, pics: list[tuple[str, bytes]]) -> lis
         loadgen.json_request(HOST, server.port, path, json.dumps({"image": base64.b64encode(d).decode()}).encode())
         for _, d in pics
     ]
+
+
+def add_load_arguments(ap: argparse.ArgumentParser) -> None:
+    """The closed-loop load and measurement window every host-path run uses (bench.e2e.measure reads them)."""
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="whole runs of each part; the tables give medians")
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--min-rounds", type=float, default=6.0)
+    ap.add_argument("--max-window", type=float, default=30.0)
+    ap.add_argument("--max-requests", type=int, default=5000)
+    ap.add_argument("--max-other-cpu", type=float, default=15.0)
+    ap.add_argument("--retries", type=int, default=1)
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--pause-training", action="store_true")
+
+
+def serve_routes(server: Server, routes: list[tuple[str, str, str]], pics: list[tuple[str, bytes]],
+                 args: argparse.Namespace) -> list[dict]:  # fmt: skip
+    """Start `server`, measure each route with multipart uploads of `pics`, stop it: one row per route."""
+    server.start()
+    try:
+        return [level(server, label, op, multipart(server, path, pics), args.clients, args)
+                for label, path, op in routes]  # fmt: skip
+    finally:
+        server.stop()
 
 
 def level(server: Server, label: str, op: str, payloads: list[bytes], conc: int, args: argparse.Namespace) -> dict:
@@ -88,12 +115,7 @@ def part_null(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[d
             before = checkout(args.before, Path(tmp), ("app", "model"))
             servers.insert(0, Server("mae", str(NULL), {}, label=f"before ({args.before})", cwd=before))
         for server in servers:
-            server.start()
-            try:
-                for label, path, op in NULL_ROUTES:
-                    rows.append(level(server, label, op, multipart(server, path, pics), args.clients, args))
-            finally:
-                server.stop()
+            rows += serve_routes(server, NULL_ROUTES, pics, args)
     return rows
 
 
@@ -103,7 +125,7 @@ def part_gil(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[di
     server = Server("mae", str(NULL), {"MAE_WORKERS": "1"})
     server.start()
     try:
-        for label, path, _ in NULL_ROUTES[:1] + NULL_ROUTES[2:3]:
+        for label, path, _ in HEADLINE_ROUTES:
             payloads = multipart(server, path, pics)
             asyncio.run(loadgen.closed_loop(HOST, server.port, payloads, args.clients, warmup_s=2, duration_s=1))
             out = Path(tempfile.mkstemp(suffix=".raw")[1])
@@ -281,17 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default="small,vitb")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--before", default="51a7c74^", help="null part: also the server of this git revision ('' = no)")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="whole runs of each part; the tables give medians")
-    ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--min-rounds", type=float, default=6.0)
-    ap.add_argument("--max-window", type=float, default=30.0)
-    ap.add_argument("--max-requests", type=int, default=5000)
-    ap.add_argument("--max-other-cpu", type=float, default=15.0)
-    ap.add_argument("--retries", type=int, default=1)
-    ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--pause-training", action="store_true")
+    add_load_arguments(ap)
     ap.add_argument("--out", default="host_path")
     args = ap.parse_args(argv)
     pics = photos(args.images)

@@ -3,9 +3,9 @@
     python -m bench.runtime_env [--model null|small|vitb] [--variant NAME:K=V,K=V ...] [--repeats 3]
 
 Each variant is one mae-serve subprocess started with those variables added (an empty list = mae-serve's own
-defaults), driven like bench/host_path.py's null part (8 clients, multipart photos) on reconstruct PNG and
-embed CLS JSON. Every repeat runs all variants in turn; the table gives medians of images/s and the server's
-CPU-ms per image. Writes bench/results/runtime_env_<model>.json.
+defaults), driven like bench/host_path.py's null part (its load arguments: 8 clients, multipart photos) on
+reconstruct PNG and embed CLS JSON. Every repeat runs all variants in turn; the table gives medians of images/s
+and the server's CPU-ms per image. Writes bench/results/runtime_env_<model>.json.
 
 The default variants are the ones BENCHMARKS.md compares: mae-serve as it starts (OMP_WAIT_POLICY=PASSIVE, malloc
 tuned) and with libgomp's own spinning back (GOMP_SPINCOUNT=300000).
@@ -18,10 +18,9 @@ from typing import Any
 
 from bench.common import NULL, SMALL, TRAINING, VITB_DIR, machine, median, paused, photos, table, write_json
 from bench.e2e import Server
-from bench.host_path import NULL_ROUTES, level, multipart
+from bench.host_path import HEADLINE_ROUTES, add_load_arguments, serve_routes
 
 MODELS = {"null": NULL, "small": SMALL, "vitb": VITB_DIR}
-ROUTES = [NULL_ROUTES[0], NULL_ROUTES[2]]  # reconstruct png, embed cls json
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -33,32 +32,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="null")
     ap.add_argument("--variant", action="append", help="NAME:K=V,K=V (repeatable)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=6.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--min-rounds", type=float, default=6.0)
-    ap.add_argument("--max-window", type=float, default=30.0)
-    ap.add_argument("--max-requests", type=int, default=5000)
-    ap.add_argument("--max-other-cpu", type=float, default=15.0)
-    ap.add_argument("--retries", type=int, default=1)
-    ap.add_argument("--pause-training", action="store_true")
+    add_load_arguments(ap)
     args = ap.parse_args()
     variants = dict(parse_variant(v) for v in (args.variant or ["mae-serve:", "libgomp spin:GOMP_SPINCOUNT=300000"]))
-    pics = photos(6)
+    pics = photos(args.images)
     runs: dict[str, list[dict[str, Any]]] = {}
     with paused(TRAINING if args.pause_training else None):
         for rep in range(args.repeats):
             print(f"[bench] runtime env ({args.model}): run {rep + 1} of {args.repeats}", flush=True)
             for name, env in variants.items():
                 server = Server("mae", str(MODELS[args.model]), env, label=name)
-                server.start()
-                try:
-                    for label, path, op in ROUTES:
-                        row = level(server, label, op, multipart(server, path, pics), args.clients, args)
-                        runs.setdefault(f"{name}|{label}", []).append(row)
-                finally:
-                    server.stop()
+                for row in serve_routes(server, HEADLINE_ROUTES, pics, args):
+                    runs.setdefault(f"{name}|{row['route']}", []).append(row)
     rows = []
     for key, rs in runs.items():
         name, label = key.split("|")
