@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,16 @@ def pct(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_seconds(repeats: int, fn: Callable[..., object], *args: object) -> float:
+    """Median wall time of `repeats` calls of `fn(*args)`, in seconds."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    return median(times)
 
 
 def rss_kib(pid: int) -> dict[str, int]:

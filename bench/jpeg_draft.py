@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app import imaging
-from bench.common import PHOTOS, machine, median, table, write_json
+from bench.common import PHOTOS, machine, median, median_seconds, table, write_json
 
 
 def model_input(data: bytes, size: int, draft: bool) -> np.ndarray:
     im = imaging.decode(data, 10**9, min_side=size if draft else None)
     return imaging.preprocess(im, size, "squash")
-
-
-def timed(data: bytes, size: int, draft: bool, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model_input(data, size, draft)
-        times.append(time.perf_counter() - t)
-    return median(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,8 +41,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "pixels": f"{w}x{h}",
                 "psnr_db": 10 * math.log10(1 / mse) if mse else float("inf"),
                 "max_abs_diff": int(np.abs(diff).max()),
-                "exact_ms": timed(data, args.size, False, args.repeats) * 1e3,
-                "draft_ms": timed(data, args.size, True, args.repeats) * 1e3,
+                "exact_ms": median_seconds(args.repeats, model_input, data, args.size, False) * 1e3,
+                "draft_ms": median_seconds(args.repeats, model_input, data, args.size, True) * 1e3,
             }
         )
     summary = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from app.jsonio import dumps
 from app.pipeline import Embedded
 from app.routes.embed import _json
-from bench.common import machine, median, table, write_json
+from bench.common import machine, median_seconds, table, write_json
 from model.outputs import Embedding
 
 
@@ -40,14 +39,9 @@ def stdlib(body: dict[str, Any]) -> bytes:
     return json.dumps(plain).encode()
 
 
-def timed(r: Embedded, pool: str, encode: Any, repeats: int) -> float:
-    """Median seconds to build the body and serialise it, as the route does per image."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        encode(_json(r, pool))  # type: ignore[arg-type]
-        times.append(time.perf_counter() - t)
-    return median(times)
+def serialise(encode: Any, r: Embedded, pool: str) -> bytes:
+    """Build the body and serialise it, as the route does per image."""
+    return encode(_json(r, pool))  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -61,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for pool in ("all", "patches", "cls"):
         for name, encode in (("app.jsonio (orjson)", dumps), ("tolist + json.dumps", stdlib)):
-            ms = 1e3 * timed(r, pool, encode, args.repeats)
-            out = encode(_json(r, pool))  # type: ignore[arg-type]
+            ms = 1e3 * median_seconds(args.repeats, serialise, encode, r, pool)
+            out = serialise(encode, r, pool)
             assert json.loads(out)["dim"] == args.dim
             rows.append({"pool": pool, "serialiser": name, "ms_per_image": ms, "bytes": len(out)})
     result = {"benchmark": "json_embed", "machine": machine(), "settings": vars(args), "rows": rows}
