@@ -31,7 +31,14 @@ class OneDNNLinear(nn.Linear):
     _packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        # Under torch.compile the stock op is traced: inductor chooses its own kernels for it, and it cannot lower
+        # mkldnn._linear_pointwise (an AssertionError at warm-up).
+        if (
+            x.dtype is torch.float32
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
             w = self._packed if self._packed is not None else self.weight
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return super().forward(x)
@@ -76,12 +83,13 @@ def onednn_is_faster(layer: nn.Linear, tokens: int = 197, margin: float = 1.05) 
     return onednn * margin <= stock
 
 
-def prepare_cpu_kernels(model: nn.Module, kernels: CpuKernels) -> int:
+def prepare_cpu_kernels(model: nn.Module, kernels: CpuKernels, compiled: bool = False) -> int:
     """Switch the fp32 nn.Linear layers of a CPU model to OneDNNLinear in place; returns how many (0 = unchanged).
 
-    auto: oneDNN if it works here and is faster on the model's widest linear layer (`onednn_is_faster`).
+    auto: oneDNN if it works here and is faster on the model's widest linear layer (`onednn_is_faster`), and never
+    when the stacks are to be compiled (`compiled`): inductor then chooses the kernels of nearly every linear layer.
     """
-    if kernels == "stock" or not onednn_linear_works():
+    if kernels == "stock" or (kernels == "auto" and compiled) or not onednn_linear_works():
         return 0
     layers = [
         m for m in model.modules()

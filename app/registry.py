@@ -119,10 +119,10 @@ class Registry:
         entries: dict[str, ModelEntry] = {}
         for name, path in settings.weight_specs():
             if not settings.weights.strip() and not Path(path).exists():
-                entries[name] = cls._random_demo(name, device, dtype, settings.cpu_kernels)
+                entries[name] = cls._random_demo(name, device, dtype, settings.cpu_kernels, settings.compile != "off")
                 continue
             loaded = _load_one(name, path)
-            model = _place(loaded.model, device, dtype, settings.cpu_kernels, name)
+            model = _place(loaded.model, device, dtype, settings.cpu_kernels, name, settings.compile != "off")
             if settings.compile != "off" and isinstance(model, PatchModel):
                 n = model.compile_stacks(settings.compile)
                 log.info("%s: %d transformer stacks compiled (MAE_COMPILE=%s)", name, n, settings.compile)
@@ -133,24 +133,32 @@ class Registry:
         return cls(entries)
 
     @staticmethod
-    def _random_demo(name: str, device: torch.device, dtype: torch.dtype, kernels: CpuKernels) -> ModelEntry:
+    def _random_demo(
+        name: str, device: torch.device, dtype: torch.dtype, kernels: CpuKernels, compiled: bool
+    ) -> ModelEntry:
         log.warning("!" * 72)
         log.warning("NO BUNDLED WEIGHTS FOUND: serving a RANDOMLY INITIALISED model. Reconstructions are noise.")
         log.warning("Train one (README: 'Train the bundled model') or set MAE_WEIGHTS.")
         log.warning("!" * 72)
         torch.manual_seed(0)
-        model = _place(MAE(get_config("mae_vit_demo_patch16")), device, dtype, kernels, name)
+        model = _place(MAE(get_config("mae_vit_demo_patch16")), device, dtype, kernels, name, compiled)
         return ModelEntry(name, model, "(random init)", "random", "none", device, dtype, random_init=True)
 
 
 def _place(
-    model: MaskedAutoencoder, device: torch.device, dtype: torch.dtype, kernels: CpuKernels, name: str
+    model: MaskedAutoencoder,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: CpuKernels,
+    name: str,
+    compiled: bool = False,
 ) -> MaskedAutoencoder:
-    """The model on its device and dtype, in eval mode, with the CPU kernels MAE_CPU_KERNELS asks for."""
+    """The model on its device and dtype, in eval mode, with the CPU kernels MAE_CPU_KERNELS asks for (`compiled`:
+    MAE_COMPILE is on, and inductor chooses the compiled stacks' kernels)."""
     assert isinstance(model, torch.nn.Module)
     model = model.to(device=device, dtype=dtype).eval()
     if device.type == "cpu" and dtype == torch.float32:
-        n = prepare_cpu_kernels(model, kernels)
+        n = prepare_cpu_kernels(model, kernels, compiled)
         used = ("onednn" if kernels == "auto" else kernels) if n else "stock"
         log.info("%s: fp32 linear layers on %s kernels (MAE_CPU_KERNELS=%s)", name, used, kernels)
     return model

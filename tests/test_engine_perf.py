@@ -144,16 +144,18 @@ def test_engine_runs_on_the_one_model_thread():
     assert len(names) == 1 and next(iter(names)).startswith("mae-model")
 
 
-def test_compiled_stacks_answer_as_eager(weights):
+@pytest.mark.parametrize("kernels", ["stock", "onednn", "onednn-packed", "auto"])
+def test_compiled_stacks_answer_as_eager(weights, kernels):
     """MAE_COMPILE (torch.compile of the transformer stacks; inductor on this CPU): the same answers as eager, within
-    fp32 rounding. reduce-overhead (CUDA graphs) needs a GPU and has not run here."""
+    fp32 rounding, whichever MAE_CPU_KERNELS is chosen (oneDNN's linear once broke inductor's lowering).
+    reduce-overhead (CUDA graphs) needs a GPU and has not run here."""
     from app.settings import Settings
     from tests.serving import app_client, image_bytes
 
     png = image_bytes(48, 40)
     answers = {}
     for mode in ("off", "default"):
-        with app_client(Settings(weights=str(weights), compile=mode, warmup=False)) as c:
+        with app_client(Settings(weights=str(weights), compile=mode, cpu_kernels=kernels, warmup=False)) as c:
             params = {"format": "json", "seed": 5}
             r = c.post("/v1/reconstruct", params=params, content=png, headers={"Content-Type": "image/png"})
             e = c.post("/v1/embed", content=png, headers={"Content-Type": "image/png"})
