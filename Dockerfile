@@ -28,9 +28,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# Exactly what pyproject.toml packages: its metadata (readme = README.md) and the packages app/, model/, weights/.
+# Exactly what pyproject.toml packages: its metadata (readme = README.md) and the packages app/, client/, photoset/, model/, weights/.
 COPY pyproject.toml README.md ./
 COPY app/ app/
+COPY client/ client/
+COPY photoset/ photoset/
 COPY model/ model/
 COPY weights/ weights/
 # --no-deps: only the project's own wheel here; its dependencies are resolved in the runtime stage, against the
@@ -68,7 +70,7 @@ RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
  && python -m pip install --constraint /tmp/torch-constraint.txt /dist/mae_serve-*.whl \
  && rm -f /tmp/torch-constraint.txt \
  && python -c "import importlib.resources as r, sys; sys.exit(0 if (r.files('weights') / 'mae_demo.safetensors').is_file() else 'bundled weights missing')" \
- && python -c "import app.main"
+ && python -c "import app.http.main"
 
 # Non-root, numeric (Kubernetes runAsNonRoot can verify a numeric USER). No home directory: the root filesystem is
 # meant to be read-only, so everything that caches (torch, triton, matplotlib) writes under /tmp (a tmpfs/emptyDir).

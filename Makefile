@@ -52,7 +52,7 @@ DEMO_TRAIN_ARGS ?= --batch-size 32 --lr 2e-3 --warmup 250 --threads 1 --cache-si
 SHARED ?= ../shared
 
 photos: $(VENV)/.installed
-	$(BIN)/python -m model.photoset build --shared $(SHARED)
+	$(BIN)/python -m photoset.build build --shared $(SHARED)
 
 demo-model: photos
 	$(BIN)/python -m model.train --data data/photos/train --config $(DEMO_CONFIG) --steps $(DEMO_STEPS) \

@@ -1,11 +1,11 @@
-"""`mae-serve`: settings from the command line and MAE_* variables, then uvicorn (hardened: app/server.py) runs the app.
+"""`mae-serve`: settings from the command line and MAE_* variables, then uvicorn (app/http/server.py) runs the app.
 
 One process (MAE_WORKERS=1) serves HTTP and runs the model. With MAE_WORKERS=N > 1 this process becomes the model
 process and supervises N HTTP workers on the same port (app/supervisor.py); each worker is this command again, told
 by MAE_WORKER_FD which socket to serve.
 
 On SIGTERM /readyz turns 503 at once, in-flight requests finish (up to MAE_SHUTDOWN_TIMEOUT_S; what is left then is
-answered 503), and the process exits 0 within the budget plus app.server.DRAIN_MARGIN_S. A load failure exits 1 with
+answered 503), and the process exits 0 within the budget plus http.server.DRAIN_MARGIN_S. A load failure exits 1 with
 one line on stderr; a bad setting exits 2.
 """
 
@@ -20,12 +20,12 @@ import sys
 from typing import TYPE_CHECKING
 
 from app import supervisor
-from app.cpus import prepare_runtime
+from app.serving.cpus import prepare_runtime
 from app.settings import Settings
 from app.supervisor import ENGINE_ADDRESS, WORKER_FD, WORKER_INDEX
 
 if TYPE_CHECKING:  # imported in main(): the metrics must know first whether they are shared between processes
-    from app.model_thread import Forward
+    from app.serving.model_thread import Forward
 
 log = logging.getLogger("mae.serve")
 
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None, forward: Forward | None = None) -> None:
 
 def serve(settings: Settings, forward: Forward | None) -> int:
     """Serve HTTP in this process: the whole service, or (MAE_WORKER_FD) one worker of the supervisor's."""
-    from app import model_thread
-    from app import server as http_server
-    from app.main import create_app
-    from app.service import Readiness
+    from app.http import server as http_server
+    from app.http.main import create_app
+    from app.http.readiness import Readiness
+    from app.serving import model_thread
 
     before, open_files, hard = http_server.raise_open_file_limit()
     max_connections = http_server.connection_cap(settings.max_connections, open_files, settings.limit_concurrency)
@@ -103,7 +103,7 @@ def serve(settings: Settings, forward: Forward | None) -> int:
         engine_address=os.environ.get(ENGINE_ADDRESS) if fd else None,
         serve_grpc=os.environ.get(WORKER_INDEX, "0") == "0",
     )
-    state: Readiness = app.state.mae
+    state: Readiness = app.state.readiness
     config = http_server.uvicorn_config(app, settings, max_connections)
     server = http_server.Server(config, state, drain_s=settings.shutdown_timeout_s)
     # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that was there before

@@ -2,7 +2,7 @@
 
 - It binds the listening socket once; every worker serves that same socket (inherited, MAE_WORKER_FD), so the
   kernel hands each new connection to one of them.
-- It loads the models, warms up and runs the one Engine and model thread; app.remote.EngineServer answers the
+- It loads the models, warms up and runs the one Engine and model thread; app.serving.remote.EngineServer answers the
   workers on an ipc:// ZeroMQ socket. Workers start at once (they import while the models load, and answer
   /healthz meanwhile) and report ready once the model process has answered them; a worker that starts while the
   model process already serves takes no connection before it is ready.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.model_thread import Forward
+    from app.serving.model_thread import Forward
 
 log = logging.getLogger("mae.supervisor")
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -66,10 +66,10 @@ async def _supervise(settings: Settings, forward: Forward | None, sock: socket.s
     import torch
     from prometheus_client import multiprocess
 
-    from app import model_thread, remote
-    from app import service as svc
-    from app.cpus import configure_torch_threads
-    from app.registry import ModelLoadError
+    from app.serving import model_thread, remote
+    from app.serving import service as svc
+    from app.serving.cpus import configure_torch_threads
+    from app.serving.registry import ModelLoadError
 
     configure_torch_threads(settings.torch_threads, on_gpu=settings.device != "cpu" and torch.cuda.is_available())
     tmp = tempfile.mkdtemp(prefix="mae-engine-")
@@ -125,7 +125,7 @@ async def _supervise(settings: Settings, forward: Forward | None, sock: socket.s
 
 async def _stop(workers: list[subprocess.Popen[bytes]], drain_s: float) -> int:
     """SIGTERM every worker; wait for their drain (budget + margin); kill what is left. 0 if all exited 0."""
-    from app.server import DRAIN_MARGIN_S
+    from app.http.server import DRAIN_MARGIN_S
 
     for w in workers:
         if w.poll() is None:

@@ -26,8 +26,8 @@ def images_tensor(size: int, n: int):
     import numpy as np
     import torch
 
-    from app import imaging
-    from app.model_thread import to_input
+    from app.serving import imaging
+    from app.serving.model_thread import to_input
 
     pics = [imaging.preprocess(imaging.decode(b, 10**9), size) for _, b in photos()]  # uint8 (H, W, 3), as served
     batch = torch.from_numpy(np.stack([pics[i % len(pics)] for i in range(n)]))
@@ -40,7 +40,7 @@ class Bare:
     def __init__(self, weights: str, kernels: str = "auto", threads: int = 0, max_batch: int = 32) -> None:
         import torch
 
-        from app.cpu_kernels import prepare_cpu_kernels
+        from app.serving.cpu_kernels import prepare_cpu_kernels
         from model.formats import load
 
         if threads:
@@ -48,7 +48,7 @@ class Bare:
         t0 = time.perf_counter()
         self.model = load(weights).model.eval()
         self.load_s = time.perf_counter() - t0
-        # exactly what app.registry._place does to a served CPU model
+        # exactly what app.serving.registry._place does to a served CPU model
         switched = prepare_cpu_kernels(self.model, kernels)
         self.kernels = ("onednn" if kernels == "auto" else kernels) if switched else "stock"
         self.config = self.model.config

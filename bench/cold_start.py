@@ -3,7 +3,7 @@
     python -m bench.cold_start [--runs 3] [--models demo,vitb] [--pause-training]
 
 Each run is a fresh process (imports, weights, warm-up; the page cache is warm after the first run, which is
-the common case of a restart), started and polled every 10 ms by app.harness.ServerProcess. Models: `demo` =
+the common case of a restart), started and polled every 10 ms by tests.harness.ServerProcess. Models: `demo` =
 weights/mae_demo.safetensors if it exists, else a random-init mae_vit_demo_patch16 saved like it
 (bench/make_weights.py); `vitb` = the ViT-B/16 HF directory. Also reports the server's own "ready in" log line
 (weights + warm-up). Writes bench/results/cold_start.json.
@@ -15,7 +15,6 @@ import argparse
 import re
 from typing import Any
 
-from app.harness import ServerProcess
 from bench.common import (
     RESULTS,
     TRAINING,
@@ -27,6 +26,7 @@ from bench.common import (
     table,
     write_json,
 )
+from tests.harness import ServerProcess
 
 
 def one_run(weights: str, timeout: float) -> dict[str, Any]:

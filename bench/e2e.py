@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.harness import ServerProcess, metric_value
 from bench import loadgen
 from bench.common import (
     BENCH,
@@ -37,13 +36,14 @@ from bench.common import (
     table,
     write_json,
 )
+from tests.harness import ServerProcess, metric_value
 
 HOST = "127.0.0.1"
 QUERIES = {"reconstruct": "mask_ratio=0.75", "embed": "pool=cls"}
 
 
 class Server(ServerProcess):
-    """mae-serve (kind "mae") or the baseline server (bench/baseline_server.py) as a subprocess (app.harness);
+    """mae-serve (kind "mae") or the baseline server (bench/baseline_server.py) as a subprocess (tests.harness);
     `start()` returns once /readyz answers 200."""
 
     def __init__(

@@ -9,7 +9,7 @@
    dataset's images with the run's settings (`/v1/embed?format=npz&pool=..&dtype=..`), for every images-per-request
    in `--per-request` (B = the batch cap the server reports) and every client count in `--concurrency`; the
    best images/s of all. Measured before the dataset run and, for that best setting, once more after it.
-4. The dataset run: `python -m app.client embed-dataset DIR --out OUT` as a subprocess with its default settings
+4. The dataset run: `python -m client.mae_client embed-dataset DIR --out OUT` as a subprocess with its default settings
    (derived from /v1/models; `--dataset-concurrency auto,4` adds a run at 4 requests in flight). Its throughput:
    embedded images / the run's own seconds (manifest.json: from its start, /v1/models and the listing included,
    to the last row written); the process's wall time beside it.
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.harness import metric_value
 from bench import loadgen
 from bench.common import (
     PHOTOS,
@@ -49,6 +48,7 @@ from bench.common import (
     write_json,
 )
 from bench.e2e import HOST, Server
+from tests.harness import metric_value
 
 BOUNDARY = loadgen.BOUNDARY
 TINY = WEIGHTS / "mae_test_random.safetensors"
@@ -128,8 +128,8 @@ def server_level(server: Server, files: list[tuple[str, bytes]], query: str, k: 
 
 
 def dataset_run(server: Server, src: Path, out: Path, args, concurrency: str = "auto") -> dict:
-    cmd = [PYTHON, "-m", "app.client", "--url", f"http://{HOST}:{server.port}", "embed-dataset", str(src), "--out",
-           str(out), "--pool", args.pool, "--dtype", args.dtype, "--no-progress"]  # fmt: skip
+    cmd = [PYTHON, "-m", "client.mae_client", "--url", f"http://{HOST}:{server.port}", "embed-dataset", str(src),
+           "--out", str(out), "--pool", args.pool, "--dtype", args.dtype, "--no-progress"]  # fmt: skip
     if concurrency != "auto":
         cmd += ["--concurrency", concurrency]
     before = metric_value(server.metrics(), "mae_images_total", op="embed")

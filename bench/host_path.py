@@ -218,10 +218,10 @@ def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: in
     I/O pool does, Pillow and zlib release the GIL) while the model thread runs batch after batch; best batch."""
     import torch
 
-    from app import imaging, model_thread, render
-    from app.cpus import configure_torch_threads
-    from app.jsonio import dumps
-    from app.registry import Registry
+    from app.http.jsonio import dumps
+    from app.serving import imaging, model_thread, render
+    from app.serving.cpus import configure_torch_threads
+    from app.serving.registry import Registry
     from app.settings import Settings
     from model.masking import Masking, len_keep_for_ratio, random_noise
 
@@ -239,7 +239,7 @@ def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: in
             def encode(r: Any, image: Any) -> bytes:
                 if op == "embed":
                     return dumps({"cls": r.cls})
-                from app.pipeline import Reconstructed
+                from app.serving.pipeline import Reconstructed
 
                 return render.encode_png(render.view(Reconstructed(entry, image, r, 3), "paste"))
 

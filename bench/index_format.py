@@ -1,4 +1,4 @@
-"""The embed-dataset index as CSV (what app/dataset/store.py writes) against Parquet (pyarrow), for N rows.
+"""The embed-dataset index as CSV (what client/dataset/store.py writes) against Parquet (pyarrow), for N rows.
 
     python -m bench.index_format [--rows 100000]     # Parquet's half needs `pip install pyarrow` (not a dependency)
 
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.dataset.store import COLUMNS, INDEX, Store, read_index
 from bench.common import machine, write_json
+from client.dataset.store import COLUMNS, INDEX, Store, read_index
 
 
 def fake_rows(n: int) -> list[tuple]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app import imaging
+from app.serving import imaging
 from bench.common import PHOTOS, machine, median, median_seconds, table, write_json
 
 

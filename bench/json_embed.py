@@ -2,8 +2,8 @@
 
     python -m bench.json_embed [--dim 768] [--grid 14] [--repeats 31]
 
-The body `/v1/embed?pool=all` answers (app.routes.embed's `_json`: cls, mean, 196 patch tokens and their indices,
-ViT-B's 768 wide), serialised by app.jsonio (orjson, numpy arrays as they are), against the way most servers do
+The body `/v1/embed?pool=all` answers (app.http.routes.embed's `_json`: cls, mean, 196 patch tokens and their indices,
+ViT-B's 768 wide), serialised by app.http.jsonio (orjson, numpy arrays as they are), against the way most servers do
 it and this one did before: `tolist()` then the standard library's `json.dumps`. One thread; median of
 `--repeats` calls each, side by side. Writes bench/results/json_embed.json.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from app.jsonio import dumps
-from app.pipeline import Embedded
-from app.routes.embed import _json
+from app.http.jsonio import dumps
+from app.http.routes.embed import _json
+from app.serving.pipeline import Embedded
 from bench.common import machine, median_seconds, table, write_json
 from model.outputs import Embedding
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r = answer(args.dim, args.grid)
     rows = []
     for pool in ("all", "patches", "cls"):
-        for name, encode in (("app.jsonio (orjson)", dumps), ("tolist + json.dumps", stdlib)):
+        for name, encode in (("app.http.jsonio (orjson)", dumps), ("tolist + json.dumps", stdlib)):
             ms = 1e3 * median_seconds(args.repeats, serialise, encode, r, pool)
             out = serialise(encode, r, pool)
             assert json.loads(out)["dim"] == args.dim

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.harness import free_port, metric_value
 from app.v2.tensors import HEADER_LENGTH, join_bytes
 from bench import loadgen
 from bench.common import TRAINING, VITB_DIR, machine, paused, photos, table, write_json
 from bench.e2e import HOST, Server, batch_delta, parse_batch_sizes
+from tests.harness import free_port, metric_value
 
 V1_QUERIES = {"embed": "/v1/embed?pool=cls", "reconstruct": "/v1/reconstruct?mask_ratio=0.75"}
 V2_OUTPUT = {"embed": "cls", "reconstruct": "paste"}

@@ -44,11 +44,11 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from model import formats as checkpoint
-from model.by_source import format_per_source, per_source, picture_first, picture_rows
 from model.data import list_images, load_rgb, resize_to
 from model.family import MaskedAutoencoder
 from model.masking import Masking, random_masking_spec
 from model.outputs import PSNR_CAP_DB, psnr  # the one definition of PSNR (the API's too)
+from photoset.by_source import format_per_source, per_source, picture_first, picture_rows
 
 METHODS = ("mae", "mean_fill", "bilinear")
 HEADLINE = "mean_psnr"
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         "--rows-per-source",
         type=int,
         default=0,
-        help="instead of the first --rows images, show the first N of every source (see model/by_source.py)",
+        help="instead of the first --rows images, show the first N of every source (see photoset/by_source.py)",
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

@@ -5,7 +5,7 @@ image, by `unbatch()` (`Embedding`, `Reconstruction`), on the CPU.
 embeddings; for a reconstruction the predicted pixels as uint8 in patch layout, the mask and the per-patch error.
 Per image, the results are numpy arrays (views of the batch's host copy): what is done with them next (JSON, PNG,
 npz) is numpy's business, never a torch op on a tiny tensor.
-The image views (paste, masked, ...) are drawn from those and the input by the caller (app/render.py); the batch
+The image views (paste, masked, ...) are drawn from those and the input by the caller (app/serving/render.py); the batch
 keeps them as properties for evaluation and tests.
 """
 
@@ -70,7 +70,7 @@ class EncodeOutput:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """One image's reconstruction on the CPU, as compact as a viewer allows (app/render.py draws the views)."""
+    """One image's reconstruction on the CPU, as compact as a viewer allows (app/serving/render.py draws the views)."""
 
     pixels: np.ndarray  # (L, p*p*C) uint8: the predicted pixels of every patch, in the model's patch order
     mask: np.ndarray  # (L,) bool, True = masked

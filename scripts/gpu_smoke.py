@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: its app/ (the one harness)
-from app.harness import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 # mae-serve's JSON answers: reconstruct {"mask": [...], "images": {view: base64 PNG}, ...}; embed {"cls": [...],
 # "mean": [...], "patches": [[...]], ...}. Other names are looked for too, so the script survives renames.

@@ -1,5 +1,5 @@
 """Helpers for the service tests: tiny weights, test images, an in-process client, a uvicorn server in a thread, and
-the one check of an error answer. A server in its own process is app.harness.ServerProcess."""
+the one check of an error answer. A server in its own process is tests.harness.ServerProcess."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import model_thread
-from app.harness import free_port
-from app.main import create_app
-from app.model_thread import Forward
-from app.server import uvicorn_config
+from app.http.main import create_app
+from app.http.server import uvicorn_config
+from app.serving import model_thread
+from app.serving.model_thread import Forward
 from app.settings import Settings
 from model import MAE, get_config
 from model.formats import save
+from tests.harness import free_port
 
 
 def make_weights(folder: Path, name: str = "tiny", config: str = "mae_test", seed: int = 0, **changes) -> Path:

@@ -120,8 +120,8 @@ def test_embed_ratio_zero_equals_the_model_encoder(client, weights):
     r = post(client, "/v1/embed", params={"pool": "all"})
     assert r.status_code == 200, r.text
     body = r.json()
-    from app.imaging import decode, preprocess
-    from app.model_thread import to_input
+    from app.serving.imaging import decode, preprocess
+    from app.serving.model_thread import to_input
 
     x = to_input(torch.from_numpy(preprocess(decode(PNG, 10**8), 32)[None].copy()), torch.device("cpu"), torch.float32)
     ref = load(weights).model.encode(x)
@@ -258,7 +258,7 @@ def test_several_models_by_name(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ real HTTP
 def batch_count() -> tuple[float, float]:
-    from app import metrics
+    from app.serving import metrics
 
     samples = {s.name: s.value for s in metrics.BATCH_SIZE.collect()[0].samples if s.labels.get("op") == "reconstruct"}
     return samples.get("mae_batch_size_count", 0.0), samples.get("mae_batch_size_sum", 0.0)
@@ -291,7 +291,7 @@ def test_real_http_concurrent_requests_share_forward_passes(weights):
 def test_readiness_waits_for_loading(weights, monkeypatch):
     import time as _time
 
-    from app.registry import Registry
+    from app.serving.registry import Registry
 
     real = Registry.from_settings
 
@@ -324,7 +324,7 @@ def test_openapi_documents_bodies(client):
 
 
 def test_client_library(weights):
-    from app.client import MAEClient, MAEError
+    from client.mae_client import MAEClient, MAEError
 
     with live_server(Settings(weights=str(weights))) as (url, _), MAEClient(url) as c:
         png = c.reconstruct(PNG, mask_ratio=0.5, seed=3)

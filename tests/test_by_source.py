@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.by_source import per_source, picture_first, picture_rows, source_of
 from model.config import get_config
 from model.evaluate import METHODS, evaluate, main, psnr
 from model.formats import save
 from model.mae import MAE
+from photoset.by_source import per_source, picture_first, picture_rows, source_of
 
 pytestmark = pytest.mark.unit
 

@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.harness import ServerProcess, free_port
+from tests.harness import ServerProcess, free_port
 from tests.serving import image_bytes
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]

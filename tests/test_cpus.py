@@ -1,4 +1,4 @@
-"""app.cpus: the CPUs a process may use (affinity, cgroup quota) and the torch threads it gives the model."""
+"""app.serving.cpus: the CPUs a process may use (affinity, cgroup quota) and the torch threads it gives the model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from app import cpus
+from app.serving import cpus
 
 pytestmark = pytest.mark.unit
 
@@ -53,7 +53,7 @@ def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-OMP = "from app.cpus import prepare_runtime; prepare_runtime(); import torch; torch.ones(9**7)"
+OMP = "from app.serving.cpus import prepare_runtime; prepare_runtime(); import torch; torch.ones(9**7)"
 
 
 def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
@@ -68,7 +68,7 @@ def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
 
 FAULTS = """
 import resource, numpy as np
-from app import cpus
+from app.serving import cpus
 if {tuned}:
     assert cpus.keep_freed_memory()
 def batch():  # what a forward pass does: a few batch-sized tensors alive at once, then all freed

@@ -1,7 +1,7 @@
-"""Properties of the decode path (app.imaging), for any bytes a client can send.
+"""Properties of the decode path (app.serving.imaging), for any bytes a client can send.
 
 - arbitrary bytes, bytes behind a real magic number, and valid files with bytes flipped or cut off never raise
-  anything but an ImageError (which app.errors answers 400 / 413 / 415), and never decode past the pixel cap;
+  anything but an ImageError (which app.http.errors answers 400 / 413 / 415), and never decode past the pixel cap;
 - any valid small image, in every accepted format and mode, decodes to RGB of its own size and preprocesses to
   (3, S, S) in [0, 1] for every resize mode.
 """
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app import imaging
+from app.serving import errors, imaging
 
 pytestmark = pytest.mark.unit
 
@@ -57,8 +57,8 @@ def decode_or_image_error(data: bytes) -> Image.Image | None:
     """decode(); None for an ImageError. Any other exception fails the property."""
     try:
         im = imaging.decode(data, CAP)
-    except imaging.ImageError as e:
-        assert type(e) in (imaging.UnreadableImage, imaging.ImageTooLarge, imaging.UnsupportedImage)
+    except errors.ImageError as e:
+        assert type(e) in (errors.UnreadableImage, errors.ImageTooLarge, errors.UnsupportedImage)
         assert e.code and str(e)
         return None
     assert im.mode == "RGB" and im.size[0] * im.size[1] <= CAP
@@ -118,6 +118,6 @@ def test_valid_small_images_round_trip_to_their_size(w, h, fmt_mode, seed, resiz
     x = imaging.preprocess(out, 16, resize)
     assert x.shape == (16, 16, 3) and x.dtype == np.uint8
     if w * h > 1:
-        with pytest.raises(imaging.ImageError) as e:
+        with pytest.raises(errors.ImageError) as e:
             imaging.decode(data, w * h - 1)  # one pixel over the cap: refused from the header
-        assert isinstance(e.value, imaging.ImageTooLarge) and e.value.code == "too_many_pixels"
+        assert isinstance(e.value, errors.ImageTooLarge) and e.value.code == "too_many_pixels"

@@ -462,7 +462,7 @@ def ignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest():
-    keep = ["pyproject.toml", "README.md", "app/main.py", "app/static/index.html", "model/mae.py"]
+    keep = ["pyproject.toml", "README.md", "app/http/main.py", "app/static/index.html", "model/mae.py"]
     keep += ["weights/__init__.py", bundled_weights(), "weights/README.md"]
     _, stages = dockerfile()
     for stage in stages:
@@ -828,7 +828,7 @@ def test_kserve_ports_probes_gpu_and_drain():
     assert int(env["MAE_PORT"]) == ports["http1"] and int(env["MAE_GRPC_PORT"]) == ports["h2c"]
     assert env["MAE_HOST"] == "0.0.0.0"
     assert int(env["MAE_GRPC_MAX_MESSAGE_BYTES"]) >= 1024
-    from app.main import PROBES
+    from app.http.main import PROBES
 
     for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
                         ("livenessProbe", "/v2/health/live")):  # fmt: skip

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.harness import ServerProcess, metric_value
+from tests.harness import ServerProcess, metric_value
 from tests.serving import assert_error, image_bytes
 
 pytestmark = pytest.mark.integration

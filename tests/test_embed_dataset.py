@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import metrics, model_thread
-from app.client import MAEClient, load_embeddings, load_index
-from app.dataset import embed_dataset
+from app.serving import metrics, model_thread
 from app.settings import Settings
+from client.dataset import embed_dataset
+from client.mae_client import MAEClient, load_embeddings, load_index
 from tests.serving import image_bytes, live_server
 
 pytestmark = pytest.mark.integration
@@ -189,7 +189,7 @@ def test_overloaded_server_completes_through_retries(server, weights, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- subprocesses
 def cli(url: str, src: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "app.client", "--url", url, "embed-dataset", str(src), "--out", str(out),
+    cmd = [sys.executable, "-m", "client.mae_client", "--url", url, "embed-dataset", str(src), "--out", str(out),
            "--pool", "all", "--shard-size", "32", *extra]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

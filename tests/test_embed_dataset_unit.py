@@ -16,13 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-from app.dataset import load_embeddings, load_index
-from app.dataset import runner as runner_mod
-from app.dataset import sources as sources_mod
-from app.dataset.runner import Options, plan, run
-from app.dataset.send import Fatal, Sender, Unavailable, backoff_s
-from app.dataset.sources import Item, open_source
-from app.dataset.store import INDEX, ShardedArray, Store, StoreError, shard_file
+from client.dataset import load_embeddings, load_index
+from client.dataset import runner as runner_mod
+from client.dataset import sources as sources_mod
+from client.dataset.runner import Options, plan, run
+from client.dataset.send import Fatal, Sender, Unavailable, backoff_s
+from client.dataset.sources import Item, open_source
+from client.dataset.store import INDEX, ShardedArray, Store, StoreError, shard_file
 
 pytestmark = pytest.mark.unit
 

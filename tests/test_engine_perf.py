@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from app import imaging, model_thread, render
-from app.cpu_kernels import OneDNNLinear, onednn_linear_works, prepare_cpu_kernels
-from app.engine import Engine
-from app.registry import ModelEntry
+from app.serving import imaging, model_thread, render
+from app.serving.cpu_kernels import OneDNNLinear, onednn_linear_works, prepare_cpu_kernels
+from app.serving.engine import Engine
+from app.serving.registry import ModelEntry
 from model import MAE, get_config
 from model.masking import Masking, random_noise
 
@@ -46,7 +46,7 @@ def test_the_model_input_is_the_reference_preprocessing():
 def test_uint8_views_equal_the_float_views_quantised():
     """render draws paste / masked / reconstruction from uint8 pixels and the uint8 input: exactly the float views of
     the model's output (ReconstructOutput), quantised."""
-    from app.pipeline import Reconstructed
+    from app.serving.pipeline import Reconstructed
     from model.outputs import to_uint8
 
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_compiled_stacks_answer_as_eager(weights, kernels):
             e = c.post("/v1/embed", content=png, headers={"Content-Type": "image/png"})
             assert r.status_code == e.status_code == 200
             answers[mode] = (r.json(), e.json())
-            stacks = c.app.state.mae.service.registry.get(None).model.transformer_stacks()
+            stacks = c.app.state.readiness.service.registry.get(None).model.transformer_stacks()
             assert all((s._compiled_call_impl is not None) == (mode != "off") for s in stacks)  # really compiled
     (r0, e0), (r1, e1) = answers["off"], answers["default"]
     assert r0["mask"] == r1["mask"] and abs(r0["mse"] - r1["mse"]) < 1e-6
@@ -195,7 +195,7 @@ def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(monkeypa
     before its submission was queued, so the partial batch of 3 left without it (CI: the OOM-split test, under load)."""
     from types import SimpleNamespace
 
-    from app import pipeline
+    from app.serving import pipeline
     from app.settings import Settings
 
     sizes: list[int] = []

@@ -1,4 +1,4 @@
-"""app.harness.ServerProcess, the server-process harness of the tests and benchmarks: stopping a server leaves
+"""tests.harness.ServerProcess, the server-process harness of the tests and benchmarks: stopping a server leaves
 nothing of it running (a benchmark's later measurements shared the cores with LitServe workers that had outlived
 their server)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.harness import ServerProcess
+from tests.harness import ServerProcess
 
 pytestmark = pytest.mark.unit
 

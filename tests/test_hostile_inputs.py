@@ -25,7 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from app.http.main import create_app
 from app.settings import Settings
 from tests.serving import assert_error, image_bytes, live_server
 

@@ -1,4 +1,4 @@
-"""app.imaging in-process: the JPEG scan count, the memory-bounded conversions to RGB, one-step crop and pad."""
+"""app.serving.imaging in-process: the JPEG scan count, the memory-bounded conversions to RGB, one-step crop and pad."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import imaging
+from app.serving import errors, imaging
 
 pytestmark = pytest.mark.unit
 
@@ -49,9 +49,9 @@ def test_scan_count_is_not_fooled_by_markers_inside_segments_or_entropy_data():
 def test_scan_count_stops_past_the_limit_and_the_decoder_refuses_from_it():
     prog = jpeg(noise(64, 48), progressive=True)
     assert imaging.jpeg_scan_count(prog, 3) == 4  # counted only until past the limit
-    with pytest.raises(imaging.ImageError) as e:
+    with pytest.raises(errors.ImageError) as e:
         imaging.decode(prog, 10**6, max_jpeg_scans=9)
-    assert isinstance(e.value, imaging.ImageTooLarge) and e.value.code == "too_many_scans"
+    assert isinstance(e.value, errors.ImageTooLarge) and e.value.code == "too_many_scans"
     assert imaging.decode(prog, 10**6, max_jpeg_scans=10).size == (64, 48)
 
 
@@ -121,7 +121,7 @@ def test_error_messages_are_stable_across_calls():
     for junk in (b"\xff\xd8\xff" + b"junk" * 10, b"RIFF\x00\x00\x00\x00WEBP" + b"x" * 20):
         messages = set()
         for _ in range(2):
-            with pytest.raises(imaging.ImageError) as e:
+            with pytest.raises(errors.ImageError) as e:
                 imaging.decode(junk, 10**6)
             messages.add(str(e.value))
         assert len(messages) == 1 and "0x" not in messages.pop()

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import torch
 
-from app.harness import ServerProcess
 from app.settings import Settings
+from tests.harness import ServerProcess
 from tests.serving import app_client, assert_error, image_bytes
 
 pytestmark = pytest.mark.integration
@@ -92,11 +92,11 @@ def test_draining_flag_is_set_synchronously_by_the_signal_handler(weights):
     """What makes /readyz 503 'at once': the handler itself marks the app draining, before uvicorn's next tick."""
     import uvicorn
 
-    from app.server import Server
+    from app.http.server import Server
 
     with app_client(Settings(weights=str(weights))) as c:
         assert c.get("/readyz").status_code == 200
-        srv = Server(uvicorn.Config(c.app), c.app.state.mae, drain_s=20)
+        srv = Server(uvicorn.Config(c.app), c.app.state.readiness, drain_s=20)
         srv.handle_exit(signal.SIGTERM, None)
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "draining"} and r.headers["retry-after"] == "1"
@@ -179,7 +179,7 @@ def test_out_of_memory_splits_the_batch_then_answers_503(weights, monkeypatch):
     with app_client(s) as c:
         reference = c.post("/v1/reconstruct", json=body)
         assert reference.status_code == 200
-        model = c.app.state.mae.service.registry.entries["tiny"].model
+        model = c.app.state.readiness.service.registry.entries["tiny"].model
 
         tried = fake_oom(monkeypatch, model, fail_at=2)  # only single images fit
         r = c.post("/v1/reconstruct", json=body)

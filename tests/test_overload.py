@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app import metrics, model_thread
+from app.serving import metrics, model_thread
 from app.settings import Settings
 from tests.serving import assert_error, image_bytes, live_server
 
@@ -78,7 +78,7 @@ def test_overload_every_request_answered_and_the_queue_bounded(weights, slow_mod
         retry_after_s=1, log_level="warning",
     )  # fmt: skip
     with live_server(s, forward=slow_model.forward) as (url, server):
-        engine = server.config.app.state.mae.service.engine
+        engine = server.config.app.state.readiness.service.engine
         depths: list[int] = []
         stop = threading.Event()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model import photoset
-from model.qt_rcc import RccError, read_rcc
+from photoset import build as photoset
+from photoset.qt_rcc import RccError, read_rcc
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""app.server in-process: the connection cap arithmetic and the throttled accept() error log."""
+"""app.http.server in-process: the connection cap arithmetic and the throttled accept() error log."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import resource
 
 import pytest
 
-from app import server
+from app.http import server
 
 pytestmark = pytest.mark.unit
 

@@ -25,7 +25,7 @@ import tritonclient.http.aio as thttp_aio
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from app.harness import ServerProcess, free_port
+from tests.harness import ServerProcess, free_port
 from tests.serving import image_bytes
 
 pytestmark = pytest.mark.integration

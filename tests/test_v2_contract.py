@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.errors import APIError
+from app.http.errors import APIError
 from app.v2 import contract
 from app.v2.contract import Requested
 

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
-from app.errors import APIError
-from app.harness import ServerProcess, free_port
-from app.main import create_app
+from app.http.errors import APIError
+from app.http.main import create_app
 from app.settings import Settings
 from app.v2 import tensors
 from app.v2.tensors import HEADER_LENGTH, join_bytes
+from tests.harness import ServerProcess, free_port
 from tests.serving import image_bytes
 
 PNG = image_bytes(48, 40)

@@ -16,11 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2 as pb
 
-from app import model_thread
-from app.harness import ServerProcess, free_port, metric_value
-from app.main import create_app
+from app.http.main import create_app
+from app.serving import model_thread
 from app.settings import Settings
 from app.v2.tensors import HEADER_LENGTH, join_bytes
+from tests.harness import ServerProcess, free_port, metric_value
 from tests.serving import image_bytes, live_server
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
 def test_both_kinds_of_output_decode_each_image_once_on_one_mask(weights, monkeypatch):
     """outputs=[cls, mask, paste]: the encoder pass and the full pass run on one decode of each image, on the same mask,
     and answer as /v1/embed and /v1/reconstruct do with that mask."""
-    from app import imaging
+    from app.serving import imaging
 
     decodes: list[int] = []
     real = imaging.decode

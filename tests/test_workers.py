@@ -1,4 +1,4 @@
-"""MAE_WORKERS > 1: HTTP workers in front of one model process (app/supervisor.py, app/remote.py), for real.
+"""MAE_WORKERS > 1: HTTP workers in front of one model process (app/supervisor.py, app/serving/remote.py), for real.
 
 Same answers as one process; batching stays global (images from every worker meet in one engine); shared metrics;
 a client that leaves has its queued images dropped in the model process; a worker that dies is replaced; SIGTERM
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.harness import ServerProcess, free_port, metric_value
+from tests.harness import ServerProcess, free_port, metric_value
 from tests.serving import image_bytes
 from tests.test_vit_pytorch import make_reference, ref, save, sidecar  # noqa: F401
 
@@ -74,9 +74,9 @@ def test_workers_answer_as_one_process_does(weights):
 
 def test_a_worker_joining_a_serving_model_process_is_ready_before_it_accepts(weights, tmp_path):
     """A worker (re)started while the others serve must not take connections it can only answer 503."""
-    from app import model_thread, service
-    from app.main import create_app
-    from app.remote import EngineServer
+    from app.http.main import create_app
+    from app.serving import model_thread, service
+    from app.serving.remote import EngineServer
     from app.settings import Settings
 
     settings = Settings(weights=str(weights), device="cpu", warmup=False)
@@ -89,7 +89,7 @@ def test_a_worker_joining_a_serving_model_process_is_ready_before_it_accepts(wei
         app = create_app(settings, engine_address=address)
         try:
             async with app.router.lifespan_context(app):  # uvicorn accepts connections once this has entered
-                return app.state.mae.service
+                return app.state.readiness.service
         finally:
             await engine_server.close()
             await up.engine.close(0)

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from app.errors import APIError
-from app.params import MaskParams, parse
-from app.registry import ModelEntry
+from app.http.errors import APIError
+from app.http.params import MaskParams, parse
+from app.serving.registry import ModelEntry
 
 INPUT = "image"
 EMBEDDING = ("cls", "mean", "patches", "patch_indices")

@@ -1,5 +1,5 @@
 """inference.GRPCInferenceService on MAE_GRPC_PORT: the Open Inference Protocol over gRPC, on the HTTP server's event
-loop, so ModelInfer goes through app.pipeline into the same engine queues as /v1 and /v2 REST.
+loop, so ModelInfer goes through app.serving.pipeline into the same engine queues as /v1 and /v2 REST.
 
 The messages are the ones tritonclient ships (`tritonclient.grpc.service_pb2`, generated from Triton's
 grpc_service.proto, whose core is the protocol's GRPCInferenceService): every v2 client speaks exactly these bytes,
@@ -10,7 +10,7 @@ Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, Mode
 contents, or typed bytes_contents for the input); anything else is UNIMPLEMENTED. The same bearer keys as HTTP, in
 the `authorization` metadata (ServerLive and ServerReady are open, like the HTTP probes); MAE_LIMIT_CONCURRENCY RPCs
 at once (then RESOURCE_EXHAUSTED, from grpcio); requests up to MAE_GRPC_MAX_MESSAGE_BYTES. On SIGTERM it stops
-taking RPCs and lets those in flight finish within the drain budget, together with HTTP (app.service.Readiness).
+taking RPCs and lets those in flight finish within the drain budget, together with HTTP (app.http.readiness.Readiness).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from app import metrics
-from app.auth import check_bearer
-from app.errors import APIError
-from app.registry import ModelEntry
-from app.service import Readiness, Service
+from app.http.auth import check_bearer
+from app.http.errors import APIError
+from app.http.readiness import Readiness
+from app.serving import metrics
+from app.serving.registry import ModelEntry
+from app.serving.service import Service
 from app.settings import Settings
 from app.v2 import contract, infer, rest, tensors
 from app.v2.contract import Requested, Scalar, bad
@@ -237,7 +238,7 @@ async def start(settings: Settings, readiness: Readiness) -> grpc.aio.Server:
 
     stopping: list[asyncio.Future[None]] = []  # held: the event loop keeps only weak references to tasks
 
-    def drain(budget_s: float) -> None:  # on the event loop, at the shutdown signal (app.server)
+    def drain(budget_s: float) -> None:  # on the event loop, at the shutdown signal (app.http.server)
         stopping.append(asyncio.ensure_future(server.stop(budget_s)))
 
     readiness.on_drain.append(drain)

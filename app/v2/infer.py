@@ -1,4 +1,4 @@
-"""One v2 inference request: its images through app.pipeline (the same decode, masks and engine queues as /v1, so a
+"""One v2 inference request: its images through serving.pipeline (the same decode, masks and engine queues as /v1, so a
 v2 image and a /v1 image with the same key share a forward pass), then the requested outputs as arrays."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from app import pipeline, render
-from app.errors import APIError
-from app.params import draw_seed
-from app.pipeline import Embedded, MaskSpec, Reconstructed
-from app.registry import ModelEntry
-from app.service import Service
+from app.http.errors import APIError, api_error
+from app.http.params import draw_seed
+from app.serving import pipeline, render
+from app.serving.errors import ServingError
+from app.serving.pipeline import Embedded, MaskSpec, Reconstructed
+from app.serving.registry import ModelEntry
+from app.serving.service import Service
 from app.v2 import contract
 from app.v2.contract import Plan, Scalar
 from app.v2.tensors import Output, Request, Response
@@ -33,21 +34,22 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
         until = time.monotonic() + p.timeout / 1e6
         deadline = until if deadline is None else min(deadline, until)
 
+    retry = service.settings.retry_after_s
     recons: list[Reconstructed] = []
     embeds: list[Embedded] = []
     if plan.pixels and plan.embed:  # both passes: one decode per image, its two submissions side by side
         pairs = _all_or_error(await pipeline.each(
             req.images, lambda b: pipeline.reconstruct_and_embed(service, entry, b, mask, p.resize, deadline)
-        ))  # fmt: skip
+        ), retry)  # fmt: skip
         recons, embeds = [r for r, _ in pairs], [e for _, e in pairs]
     elif plan.pixels:
         recons = _all_or_error(await pipeline.each(
             req.images, lambda b: pipeline.reconstruct(service, entry, b, mask, p.resize, deadline)
-        ))  # fmt: skip
+        ), retry)  # fmt: skip
     else:
         embeds = _all_or_error(await pipeline.each(
             req.images, lambda b: pipeline.embed(service, entry, b, mask, p.resize, deadline)
-        ))  # fmt: skip
+        ), retry)  # fmt: skip
     outputs = await asyncio.get_running_loop().run_in_executor(
         service.io_pool, assemble, plan, embeds, recons, p.dtype == "FP16", entry.config.num_patches
     )
@@ -58,15 +60,16 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
     return Response(entry.name, req.id, parameters, outputs)
 
 
-def _all_or_error(results: list[T | APIError]) -> list[T]:
+def _all_or_error(results: list[T | ServingError], retry_after_s: int) -> list[T]:
     """A v2 answer has no per-image errors: the first image that failed fails the request, and says which it was."""
     done: list[T] = []
-    for i, r in enumerate(results):
-        if isinstance(r, APIError):
+    for i, answer in enumerate(results):
+        if isinstance(answer, ServingError):
+            r = api_error(answer, retry_after_s)
             if len(results) > 1:
                 raise APIError(r.status, r.code, f"image {i}: {r.message}", r.headers)
             raise r
-        done.append(r)
+        done.append(answer)
     return done
 
 

@@ -20,11 +20,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import require_api_key
-from app.errors import APIError
-from app.params import _deadline as deadline_of
-from app.registry import ModelEntry
-from app.service import Readiness, Service, get_service, readiness
+from app.http.auth import require_api_key
+from app.http.errors import APIError, api_error
+from app.http.params import deadline_of
+from app.http.readiness import Readiness, get_service, readiness
+from app.serving.errors import ServingError, UnknownModel
+from app.serving.registry import ModelEntry
+from app.serving.service import Service
 from app.v2 import contract, infer, schemas, tensors
 
 SERVER = "mae-serve"
@@ -42,7 +44,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def find(service: Service, name: str, version: str | None = None) -> ModelEntry:
     """The model a v2 path names (the names of /v1/models); 404 for another name or version."""
-    entry = service.model(name, status=404)
+    try:
+        entry = service.model(name)
+    except UnknownModel as e:
+        raise APIError(404, e.code, str(e)) from None
     if version not in (None, "", contract.VERSION):
         why = f"model {name!r} has no version {version!r}; it has {contract.VERSION!r}"
         raise APIError(404, "unknown_version", why)
@@ -149,8 +154,8 @@ async def infer_route(
         if req.model_name not in (None, entry.name) or req.model_version not in (None, "", contract.VERSION):
             raise contract.bad("the body names another model or version than the URL")
         answer = await infer.infer(service, entry, req, deadline)
-    except APIError as e:
-        raise contract.as_v2(e) from None
+    except (APIError, ServingError) as e:
+        raise contract.as_v2(api_error(e, service.settings.retry_after_s)) from None
     content, json_length = await loop.run_in_executor(service.io_pool, tensors.write_rest, answer, contract.VERSION)
     if json_length is None:
         return Response(content, media_type="application/json")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from app import jsonio
+from app.http import jsonio
 from app.v2 import contract, schemas
 from app.v2.contract import Requested, Scalar, bad
 

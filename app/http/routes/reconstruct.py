@@ -1,0 +1,97 @@
+"""POST /v1/reconstruct: an image in, its MAE reconstruction out (PNG, or JSON with every view)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+
+from app.http.auth import require_api_key
+from app.http.errors import APIError, per_image
+from app.http.jsonio import JSONAnswer
+from app.http.params import Call, ReconstructParams, call_for, openapi_for
+from app.http.readiness import get_service
+from app.http.schemas import ErrorBody, ImageFailure, ReconstructResult
+from app.serving import pipeline, render
+from app.serving.pipeline import Reconstructed
+from app.serving.service import Service
+
+router = APIRouter(prefix="/v1", tags=["reconstruct"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/reconstruct",
+    summary="Reconstruct an image from a random (or given) subset of its patches",
+    response_model=ReconstructResult | list[ReconstructResult | ImageFailure],
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "PNG (format=png) or JSON (format=json; a list when several images are sent)",
+        },
+        **{code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)},
+    },
+    openapi_extra=openapi_for(ReconstructParams),
+)
+async def reconstruct(
+    call: Annotated[Call[ReconstructParams], Depends(call_for(ReconstructParams))],
+    service: Annotated[Service, Depends(get_service)],
+) -> Response:
+    p = call.params
+    if p.format == "png" and len(call.images) > 1:
+        raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")
+    results = per_image(
+        await pipeline.each(
+            call.images, lambda b: pipeline.reconstruct(service, call.model, b, call.mask, p.resize, call.deadline)
+        ),
+        service.settings.retry_after_s,
+    )
+    sha = {"X-MAE-Weights-SHA256": call.model.sha256}
+    loop = asyncio.get_running_loop()
+    if p.format == "png":
+        r = results[0]
+        if isinstance(r, APIError):
+            raise r
+        png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
+        return Response(png, media_type="image/png", headers={**sha, **_headers(r, p.view)})
+
+    async def body(x: Reconstructed | APIError) -> dict[str, Any]:
+        return x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
+
+    bodies = await asyncio.gather(*map(body, results))  # several images: their PNGs encode side by side
+    if len(call.images) == 1:
+        if isinstance(results[0], APIError):
+            raise results[0]
+        return JSONAnswer(bodies[0], headers=sha)
+    return JSONAnswer(bodies, headers=sha)
+
+
+def _headers(r: Reconstructed, view: str) -> dict[str, str]:
+    psnr = r.out.psnr
+    return {
+        "X-MAE-Model": r.model.name,
+        "X-MAE-Seed": "" if r.seed is None else str(r.seed),
+        "X-MAE-Mask-Ratio": f"{r.mask_ratio:.6g}",
+        "X-MAE-Grid": f"{r.out.grid[0]}x{r.out.grid[1]}",
+        "X-MAE-Mask": ",".join(map(str, r.mask_indices)),
+        "X-MAE-MSE": f"{r.out.mse:.6g}",
+        "X-MAE-PSNR": "" if psnr is None else f"{psnr:.4f}",
+        "X-MAE-View": view,
+    }
+
+
+def _json(r: Reconstructed) -> dict[str, Any]:
+    """The JSON answer (ReconstructResult): every view as base64 PNG, the mask, masked-patch MSE and PSNR."""
+    views = render.all_views(r)
+    return {
+        "model": r.model.name,
+        "seed": r.seed,
+        "mask_ratio": r.mask_ratio,
+        "patch_size": r.patch_size,
+        "grid": list(r.out.grid),
+        "mask": r.mask_indices,
+        "mse": r.out.mse,
+        "psnr": r.out.psnr,
+        "images": {k: base64.b64encode(render.encode_png(views[k])).decode("ascii") for k in render.VIEWS},
+    }

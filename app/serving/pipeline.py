@@ -1,0 +1,175 @@
+"""One image's path through the service, whatever the protocol: decode -> mask -> engine -> a typed result.
+
+`reconstruct` returns a `Reconstructed`, `embed` an `Embedded`; the front-ends (app/routes for /v1, app/v2 for the
+Open Inference Protocol) turn those into their own answers. Decoding runs in the I/O pool, the model in the engine.
+An image that cannot be served raises a `ServingError` (app.serving.errors), so a request with several images can
+answer each; the front-ends give it its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from app.serving import imaging
+from app.serving.errors import BadMask, NotCapable, ServingError
+from app.serving.model_thread import Op, Result
+from app.serving.registry import ModelEntry
+from app.serving.service import Service
+from app.settings import Settings
+from client.vocabulary import ResizeMode
+from model.family import ModelConfig
+from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
+from model.outputs import Embedding, Reconstruction
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which patches to hide: exactly `indices` when given, else a random `ratio` drawn from `seed`."""
+
+    ratio: float
+    seed: int
+    indices: list[int] | None = None
+
+    def masking(self, num_patches: int, encoder_only: bool) -> Masking | None:
+        """The official masking this names; None = every patch in raster order (embeddings at ratio 0)."""
+        if self.indices is not None:
+            try:
+                return explicit_masking(self.indices, num_patches)
+            except ValueError as e:
+                raise BadMask(str(e)) from None
+        if self.ratio == 0 and encoder_only:
+            return None
+        return Masking(random_noise(1, num_patches, seed=self.seed), len_keep_for_ratio(num_patches, self.ratio))
+
+    @property
+    def drawn_seed(self) -> int | None:
+        """The seed that drew the mask, None for an explicit one."""
+        return None if self.indices is not None else self.seed
+
+
+@dataclass(frozen=True)
+class Reconstructed:
+    model: ModelEntry
+    image: np.ndarray  # (H, W, 3) uint8: the model's input, the "original" view
+    out: Reconstruction
+    seed: int | None  # None for an explicit mask
+
+    @property
+    def mask_indices(self) -> list[int]:
+        return np.flatnonzero(self.out.mask).tolist()
+
+    @property
+    def mask_ratio(self) -> float:
+        """The fraction of patches actually masked."""
+        return int(self.out.mask.sum()) / self.model.config.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+
+@dataclass(frozen=True)
+class Embedded:
+    model: ModelEntry
+    out: Embedding
+    seed: int | None  # None when no random mask was drawn
+
+    @property
+    def mask_ratio(self) -> float:
+        return 1 - self.out.patches.shape[0] / self.model.config.num_patches
+
+
+async def reconstruct(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> Reconstructed:
+    _require_decoder(entry)
+    image, (out,) = await _run(service, entry, ("reconstruct",), data, mask, resize, deadline)
+    assert isinstance(out, Reconstruction)
+    return Reconstructed(entry, image, out, mask.drawn_seed)
+
+
+async def embed(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> Embedded:
+    _, (out,) = await _run(service, entry, ("embed",), data, mask, resize, deadline)
+    assert isinstance(out, Embedding)
+    return _embedded(entry, out, mask)
+
+
+async def reconstruct_and_embed(
+    service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
+) -> tuple[Reconstructed, Embedded]:
+    """Both passes on one decode of the image, on the same mask (the v2 front-end, asked for both kinds of output)."""
+    _require_decoder(entry)
+    image, (rec, emb) = await _run(service, entry, ("reconstruct", "embed"), data, mask, resize, deadline)
+    assert isinstance(rec, Reconstruction) and isinstance(emb, Embedding)
+    return Reconstructed(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
+
+
+def _require_decoder(entry: ModelEntry) -> None:
+    if not entry.config.has_decoder:
+        raise NotCapable(f"model {entry.name!r} has no pixel decoder: it can embed, not reconstruct", "no_decoder")
+
+
+def require_cls(entry: ModelEntry) -> None:
+    """pool=cls needs a CLS token: checked before any image is decoded."""
+    if not entry.config.has_cls:
+        raise NotCapable(f"model {entry.name!r} has no CLS token; use pool=mean", "no_cls_token")
+
+
+def _embedded(entry: ModelEntry, out: Embedding, mask: MaskSpec) -> Embedded:
+    drew = mask.indices is None and mask.ratio != 0
+    return Embedded(entry, out, mask.seed if drew else None)
+
+
+async def _run(
+    service: Service,
+    entry: ModelEntry,
+    ops: tuple[Op, ...],
+    data: bytes,
+    mask: MaskSpec,
+    resize: ResizeMode,
+    deadline: float | None,
+) -> tuple[np.ndarray, list[Result]]:
+    """Decode once, then one engine submission per op (side by side: they may share batches with others)."""
+    s, c = service.settings, entry.config
+    answers: list[asyncio.Future[Result]] = []
+    try:
+        # Until this image is queued, a partial batch may wait for it (engine.py): `submit` queues before it returns.
+        with service.engine.coming():
+            image, maskings = await asyncio.get_running_loop().run_in_executor(
+                service.io_pool, _prepare, data, c, mask, ops, resize, s
+            )
+            for op, m in zip(ops, maskings, strict=True):
+                answers.append(service.engine.submit(entry, op, image, m, deadline))
+        return image, list(await asyncio.gather(*answers))
+    except BaseException:
+        for a in answers:  # a second op was refused (queue full): the first would be computed for no one
+            a.cancel(msg="refused")
+        raise
+
+
+def _prepare(
+    data: bytes, c: ModelConfig, mask: MaskSpec, ops: tuple[Op, ...], resize: ResizeMode, s: Settings
+) -> tuple[np.ndarray, list[Masking | None]]:
+    """In the I/O pool: the image decoded and resized to the model's input, and each op's masking (off the loop)."""
+    draft = c.img_size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
+    im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
+    maskings = [mask.masking(c.num_patches, encoder_only=op == "embed") for op in ops]
+    return imaging.preprocess(im, c.img_size, resize), maskings
+
+
+async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:
+    """Run `one` on every image concurrently (so they can share a batch); refusals stay per image."""
+    results = await asyncio.gather(*(one(b) for b in images), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, ServingError):
+            raise r
+    return results  # type: ignore[return-value]

@@ -1,0 +1,97 @@
+"""The Service: everything a request needs (settings, the loaded models, the engine, the I/O pool), and its start:
+load every model, check the pins, warm up, start the engine. Front-ends get it from app.http.readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from app.serving import model_thread
+from app.serving.engine import Batcher, Engine
+from app.serving.errors import UnknownModel
+from app.serving.model_thread import Forward
+from app.serving.registry import ModelEntry, ModelLoadError, Registry
+from app.settings import Settings
+from model.masking import Masking, len_keep_for_ratio, random_noise
+
+log = logging.getLogger("mae.service")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    registry: Registry
+    engine: Batcher  # engine.Engine, or in an HTTP worker remote.RemoteEngine
+    io_pool: ThreadPoolExecutor  # decoding and encoding: Pillow and zlib release the GIL
+
+    def model(self, name: str | None) -> ModelEntry:
+        """The model a request names (the default when it names none), or UnknownModel (/v1 answers 422, /v2 404:
+        there the path names it)."""
+        if name is not None and name not in self.registry:
+            raise UnknownModel(f"unknown model {name!r}; loaded: {', '.join(self.registry.entries)}")
+        return self.registry.get(name)
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecutor) -> Service:
+    """Load every model (on the model thread, like every batch), check the sha256 pins, warm up, start the engine."""
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    registry = await loop.run_in_executor(model_thread.executor(), Registry.from_settings, settings)
+    check_pins(registry, settings.weight_pins())
+    engine = Engine(
+        forward,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        cpu_max_batch_size=settings.cpu_max_batch_size,
+    )
+    if settings.warmup:
+        await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
+    engine.start()
+    log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
+    return Service(settings, registry, engine, io_pool)
+
+
+async def start_remote(settings: Settings, address: str, io_pool: ThreadPoolExecutor) -> Service:
+    """An HTTP worker's Service: the model process at `address` (app.serving.remote) has the models and the engine."""
+    from app.serving.remote import RemoteEngine
+
+    engine = RemoteEngine(address)
+    registry = await engine.connect(timeout=3600.0)  # as long as the model process takes to load and warm up
+    log.info("worker %d ready: models %s in the model process", os.getpid(), ", ".join(registry.entries))
+    return Service(settings, registry, engine, io_pool)
+
+
+def warm_up(forward: Forward, registry: Registry, max_batch: int) -> None:
+    """Run every shape the server will run first: batch 1 and a small batch, embed and reconstruct."""
+    for entry in registry.entries.values():
+        c = entry.config
+        n = c.num_patches
+        for b in sorted({1, min(max_batch, 4)}):
+            images = torch.randint(0, 256, (b, c.img_size, c.img_size, 3), dtype=torch.uint8)
+            model_thread.compute(forward, entry, "embed", images, None)
+            if c.has_decoder:
+                masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))
+                model_thread.compute(forward, entry, "reconstruct", images, masking)
+
+
+def check_pins(registry: Registry, pins: dict[str | None, str]) -> None:
+    """MAE_WEIGHTS_SHA256: a weights file whose sha256 differs from its pin (tampered, truncated, swapped) stops
+    the start. The sha256 is the one the registry computed over the file it loaded."""
+    if None in pins and len(registry.entries) > 1:
+        raise ModelLoadError("MAE_WEIGHTS_SHA256 has an unnamed pin but several models are loaded: name=sha256,...")
+    for name in pins.keys() - set(registry.entries) - {None}:
+        raise ModelLoadError(f"MAE_WEIGHTS_SHA256 pins model {name!r}, which MAE_WEIGHTS does not load")
+    for name, entry in registry.entries.items():
+        want = pins.get(name) or pins.get(None)
+        if want and entry.sha256 != want:
+            raise ModelLoadError(
+                f"model {name!r}: {entry.path} has sha256 {entry.sha256}, but MAE_WEIGHTS_SHA256 expects {want}"
+            )
