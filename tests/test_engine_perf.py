@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
 from app.serving import imaging, model_thread, render
 from app.serving.cpu_kernels import OneDNNLinear, onednn_linear_works, prepare_cpu_kernels
 from app.serving.engine import Engine
-from app.serving.registry import ModelEntry
+from app.serving.registry import ModelEntry, ModelLoadError
 from model import MAE, get_config
 from model.masking import Masking, random_noise
 
@@ -223,3 +224,38 @@ def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(monkeypa
 
     asyncio.run(scenario())
     assert sizes == [4]
+
+
+@pytest.mark.parametrize(
+    ("error", "compile_mode", "names"),
+    [
+        (
+            RuntimeError("kernel not found\nsecond line"),
+            "off",
+            ("MAE_DEVICE=", "MAE_CPU_KERNELS=stock", "MAE_WARMUP=0"),
+        ),
+        (None, "default", ("MAE_COMPILE=default", "MAE_CPU_KERNELS=", "set MAE_COMPILE=off")),
+    ],
+)
+def test_a_failed_warm_up_names_the_setting_to_change(weights, error, compile_mode, names):
+    """Start-up stops on a failed warm-up with one line that says where it failed and which MAE_* setting to change,
+    not a bare exception class (a compile failure once left `InductorError: LoweringException: AssertionError:`)."""
+    import torch._dynamo.exc
+
+    from app.http.main import create_app
+    from app.settings import Settings
+
+    planted = error if error is not None else torch._dynamo.exc.TorchRuntimeError("lowering failed")
+    failures: list[str] = []
+
+    def forward(*_):  # type: ignore[no-untyped-def]
+        raise planted
+
+    settings = Settings(weights=str(weights), compile=compile_mode, warmup=True)
+    app = create_app(settings, forward=forward, load_in_background=False, on_load_failure=failures.append)
+    with pytest.raises(ModelLoadError), TestClient(app):
+        pass
+    assert len(failures) == 1 and "\n" not in failures[0], failures
+    line = failures[0]
+    assert line.startswith("warm-up failed on cpu/float32: ") and type(planted).__name__ in line, line
+    assert all(n in line for n in names), line

@@ -53,7 +53,10 @@ async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecuto
         cpu_max_batch_size=settings.cpu_max_batch_size,
     )
     if settings.warmup:
-        await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
+        try:
+            await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
+        except Exception as e:
+            raise ModelLoadError(warm_up_failure(e, settings, registry)) from e
     engine.start()
     log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
     return Service(settings, registry, engine, io_pool)
@@ -80,6 +83,29 @@ def warm_up(forward: Forward, registry: Registry, max_batch: int) -> None:
             if c.has_decoder:
                 masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))
                 model_thread.compute(forward, entry, "reconstruct", images, masking)
+
+
+def warm_up_failure(e: Exception, settings: Settings, registry: Registry) -> str:
+    """The one line a failed warm-up leaves: what failed, the settings in force, and which one to change."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    entry = next(iter(registry.entries.values()))
+    where = f"{entry.device}/{str(entry.dtype).removeprefix('torch.')}"
+    source = type(e).__module__
+    if settings.compile != "off" and source.startswith(("torch._dynamo", "torch._inductor", "torch.fx")):
+        fix = (
+            f"torch.compile failed under MAE_COMPILE={settings.compile} with MAE_CPU_KERNELS={settings.cpu_kernels}: "
+            "set MAE_COMPILE=off (or try MAE_CPU_KERNELS=stock)"
+        )
+    elif isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in first.lower():
+        fix = f"out of memory at batch {settings.max_batch_size}: lower MAE_MAX_BATCH_SIZE or set MAE_DTYPE=bfloat16"
+    else:
+        fix = (
+            f"with MAE_DEVICE={settings.device}, MAE_DTYPE={settings.dtype}, MAE_COMPILE={settings.compile}, "
+            f"MAE_CPU_KERNELS={settings.cpu_kernels}: try MAE_DEVICE=cpu, MAE_DTYPE=float32 or MAE_CPU_KERNELS=stock, "
+            "or MAE_WARMUP=0 to see the error on the first request"
+        )
+    return f"warm-up failed on {where}: {what} ({fix})"
 
 
 def check_pins(registry: Registry, pins: dict[str | None, str]) -> None:
