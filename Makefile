@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # 2.13.0: a CPU build on our CI machines, the ordinary (CUDA) wheel elsewhere. Change it freely on your host.
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test lint bench clean photos demo-model demo-eval
+.PHONY: serve test lint bench clean photos demo-model demo-eval wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/pip install -q "$(TORCH)" -e ".[bench]"
 	$(BIN)/python -m bench.run_all $(ARGS)
+
+# The wheels a lent GPU machine lacks, for CPython 3.12 (README "On a lent GPU"): .wheelhouse/, about 31 MiB.
+wheelhouse: $(VENV)/.installed
+	$(BIN)/python scripts/gpu/build_wheelhouse.py
 
 # The bundled demo model (weights/MODEL_CARD.md, data/README.md). `make demo-model` rebuilds the photo set from
 # Debian packages (apt-get download + dpkg -x, no root-wide install), then trains for about 2 hours of one
