@@ -105,6 +105,16 @@ class Settings(BaseSettings):
         None, ge=1024, description="largest gRPC request message; unset = MAE_MAX_BODY_BYTES"
     )
 
+    # --- remote image URLs in POST /v1/embeddings (app/openai/fetch.py): off unless hosts are listed
+    url_fetch_hosts: str = Field(
+        "",
+        description="comma-separated hosts image URLs may name (exact, or *.example.com), and IP addresses or networks "
+        "(10.0.0.0/8) that may be reached although loopback, link-local or private; empty = URLs refused",
+    )
+    url_fetch_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="size of one fetched image")
+    url_fetch_timeout_s: float = Field(10.0, gt=0, description="time for one URL, redirects included")
+    url_fetch_max_redirects: int = Field(3, ge=0, le=20, description="redirects followed per URL")
+
     # --- security and lifecycle
     api_keys: str = Field("", description="comma-separated bearer tokens (/v1, /v2 and gRPC); empty = no auth")
     metrics_require_key: bool = Field(False, description="with MAE_API_KEYS set, /metrics needs a key too")
