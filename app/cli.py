@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app import supervisor
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None, forward: Forward | None = None) -> None:
     """Run mae-serve. `forward`: what runs a batch (tests/launch.py passes a slow one)."""
     settings = parse(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("%s", prepare_runtime())  # before anything imports torch
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and Path("/dev/nvidiactl").exists())
+    log.info("%s", prepare_runtime(settings.omp_wait, gpu=gpu))  # before anything imports torch
     if settings.workers > 1 and WORKER_FD not in os.environ:
         supervisor.prepare_metrics()  # before anything imports prometheus_client
         code = supervisor.run(settings, forward, argv or [])

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         "pre-reordered: a second copy in memory), stock PyTorch, or auto: oneDNN if a start-up timing of the model's "
         "widest layer finds it faster (BENCHMARKS.md)",
     )
+    omp_wait: Literal["auto", "passive", "spin"] = Field(
+        "auto",
+        description="OpenMP's idle threads between parallel regions: passive (sleep at once), spin (libgomp's "
+        "spinning), or auto: both timed once on this CPU at start (cached), spinning kept only where faster. "
+        "OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment win",
+    )
 
     workers: int = Field(
         1, ge=1, le=256, description="HTTP worker processes in front of one model process; 1 = one process does both"
@@ -70,6 +76,12 @@ class Settings(BaseSettings):
         False,
         description="decode a large JPEG at a reduced DCT scale (1/2 to 1/8, never below the model's input) before "
         "resizing: faster, but not the reference preprocessing (BENCHMARKS.md gives the error)",
+    )
+    jpeg_decode: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="where JPEGs are decoded and resized: cpu (Pillow, the reference preprocessing) or cuda (nvJPEG "
+        "through torchvision, resized on the GPU; needs the model on a GPU and torchvision; pixels close to Pillow's, "
+        "not equal: BENCHMARKS.md)",
     )
     max_jpeg_scans: int = Field(
         32,

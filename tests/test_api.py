@@ -184,6 +184,9 @@ def test_models_and_health(client, weights):
     assert info["dtype"] == "float32" and info["parameters"] > 0
     assert info["max_batch_size"] == 4  # a CPU model: MAE_CPU_MAX_BATCH_SIZE caps MAE_MAX_BATCH_SIZE (32)
     assert m["limits"] == {"max_images_per_request": 16, "max_queue": 256, "max_body_bytes": 20 * 1024 * 1024}
+    from app.serving.cpus import cpu_features
+
+    assert m["runtime"]["cpu"] == cpu_features()["cpu"] and "omp" in m["runtime"]  # the CPU and the wait policy
     import hashlib
 
     assert info["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

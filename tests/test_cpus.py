@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,32 @@ def test_freed_batch_sized_blocks_are_reused_not_faulted_in_again():
     tuned = int(_child(FAULTS.format(tuned=True)).stdout)
     assert untuned > 20 * 2000  # glibc's default gives most of it back each time: ~2048 page faults per 8 MiB
     assert tuned < untuned / 10, (tuned, untuned)
+
+
+def test_spin_keeps_libgomp_spinning_and_the_users_policy_wins():
+    spin = _child(OMP.replace("prepare_runtime()", "prepare_runtime('spin')"), OMP_DISPLAY_ENV="VERBOSE").stderr
+    assert f"GOMP_SPINCOUNT = '{cpus.SPIN_COUNT}'" in spin
+    # auto never overrides what the user set, and says so
+    code = "from app.serving import cpus; print(cpus.prepare_runtime('auto'))"
+    line = _child(code, OMP_WAIT_POLICY="ACTIVE").stdout
+    assert "OMP_WAIT_POLICY=ACTIVE (set in the environment)" in line, line
+
+
+def test_auto_times_both_policies_here_and_caches_the_choice(tmp_path):
+    choice, why = cpus.calibrate_wait(cache_dir=tmp_path)
+    assert choice in ("passive", "spin")
+    if cpus.torch_threads_for(cpus.available_cpus()[0], on_gpu=False) > 1:
+        assert "passive" in why and "spin" in why and " ms" in why, why  # the figures behind the choice
+        (cached,) = tmp_path.glob("omp-*.json")
+        assert json.loads(cached.read_text())["choice"] == choice
+        cached.write_text(json.dumps({"choice": "spin" if choice == "passive" else "passive", "why": "planted"}))
+        again, why = cpus.calibrate_wait(cache_dir=tmp_path)
+        assert again != choice and why == "planted (cached)"  # read back, not timed again
+
+
+def test_cpu_features_are_read_and_reported(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16 sse\n")
+    assert cpus.cpu_features(info) == {"cpu": "Test CPU 9000", "features": ["avx2", "avx512f", "amx_bf16"]}
+    monkeypatch.setenv(cpus.RUNTIME_ENV, json.dumps({"omp": "OMP_WAIT_POLICY=PASSIVE", "chosen_by": "x"}))
+    assert cpus.runtime_report()["omp"] == "OMP_WAIT_POLICY=PASSIVE"

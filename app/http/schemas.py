@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -81,3 +83,7 @@ class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
     limits: ServerLimits | None = None
+    runtime: dict[str, Any] | None = Field(
+        None,
+        description="the CPU (model, AVX2/AVX-512/AMX features) and the OpenMP wait policy chosen at start, and why",
+    )

@@ -10,13 +10,23 @@ beside the model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
+import json
 import logging
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("mae.cpus")
+
+OmpWait = Literal["auto", "passive", "spin"]
+SPIN_COUNT = "300000"  # libgomp's own default when no policy is set
+SPIN_MARGIN = 1.05  # spinning costs idle CPU under light load: keep it only for a clear gain
+RUNTIME_ENV = "MAE_RUNTIME_CHOICE"  # what prepare_runtime chose, for this process's children and /v1/models
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 # glibc mallopt parameters, and what mae-serve sets them to (`prepare_runtime`).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -24,22 +34,128 @@ MMAP_THRESHOLD = 32 * 2**20  # blocks under this come from the heap and are reus
 TRIM_THRESHOLD = 256 * 2**20  # free memory kept at a heap's top before any is given back to the system
 
 
-def prepare_runtime() -> str:
+def prepare_runtime(omp_wait: OmpWait = "passive", gpu: bool = False) -> str:
     """Tune this process's CPU runtime; call before torch is imported (mae-serve's first step). Returns a line for
     the log. Child processes (HTTP workers, the model process) inherit the environment part.
 
-    - OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE, unless the variable is set): libgomp's default lets
-      each worker spin for milliseconds after every parallel region, and between the model's batches that spinning
-      took a third of the server's CPU (perf: 33 % in libgomp, null model), from the cores decoding and encoding
-      need. With the malloc change: the null model's CPU per image -41 % (BENCHMARKS.md); a served ViT-B
-      -6 %, within this VM's noise (GOMP_SPINCOUNT gives the spinning back).
+    - How long OpenMP's idle threads spin before they sleep (MAE_OMP_WAIT): `passive` sleeps at once
+      (OMP_WAIT_POLICY=PASSIVE): spinning after every parallel region took a third of a small model's server CPU,
+      from the cores decoding and encoding need. `spin` keeps libgomp's spinning (GOMP_SPINCOUNT), which a large
+      model on the CPU can gain from between its layers. `auto` times both on this machine (`calibrate_wait`,
+      cached per CPU and torch version) and keeps spinning only where it is faster by SPIN_MARGIN. An
+      OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment always wins; on a GPU host the model has one thread
+      and nothing is timed.
     - malloc keeps freed blocks under 32 MiB for reuse: glibc's default maps each batch-sized tensor (a few MiB)
-      fresh from the kernel and unmaps it when freed, so every batch pays a page fault per 4 KiB of each tensor
-      (converting one batch of 8 images to floats took 12 ms instead of 1.8).
+      fresh from the kernel and unmaps it when freed, so every batch pays a page fault per 4 KiB of each tensor.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        why = "set in the environment"
+    elif omp_wait == "auto" and not gpu:
+        omp_wait, why = calibrate_wait()
+    else:
+        why = "MAE_OMP_WAIT" if not gpu else "model on a GPU"
+        omp_wait = "passive" if omp_wait == "auto" else omp_wait
+    if why != "set in the environment":
+        if omp_wait == "spin":
+            os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        else:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    policy = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    os.environ[RUNTIME_ENV] = json.dumps({"omp": policy, "chosen_by": why, **cpu_features()})
     malloc = f"malloc reuses freed blocks under {MMAP_THRESHOLD >> 20} MiB" if keep_freed_memory() else "malloc untuned"
-    return f"OpenMP idle threads: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {malloc}"
+    return f"OpenMP idle threads: {policy} ({why}); {malloc}; CPU: {describe_cpu()}"
+
+
+def runtime_report() -> dict[str, object]:
+    """What prepare_runtime chose, the figures behind it and the CPU's features (for /v1/models)."""
+    try:
+        report: dict[str, object] = json.loads(os.environ.get(RUNTIME_ENV, "{}"))
+    except ValueError:
+        report = {}
+    return report or {"omp": "untuned", "chosen_by": "prepare_runtime did not run", **cpu_features()}
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """The CPU's model and the instruction sets that decide its fastest kernels."""
+    model, flags = "unknown", set[str]()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "features": [f for f in FEATURES if f in flags]}
+
+
+def describe_cpu() -> str:
+    f = cpu_features()
+    return f"{f['cpu']} ({', '.join(f['features']) or 'no AVX2'})"  # type: ignore[arg-type]
+
+
+# A transformer stack at a served batch's shape (8 images, 50 visible tokens, ViT-S wide): thousands of short
+# parallel regions, where the idle threads' wait decides the speed. Prints the median seconds of a pass.
+_CALIBRATION = """
+import statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+layer = torch.nn.TransformerEncoderLayer(384, 6, 1536, batch_first=True, norm_first=True)
+stack = torch.nn.Sequential(*[layer] * 6).eval()
+x = torch.randn(8, 50, 384)
+with torch.inference_mode():
+    for _ in range(3):
+        stack(x)
+    times = []
+    for _ in range(15):
+        t = time.perf_counter()
+        stack(x)
+        times.append(time.perf_counter() - t)
+print(statistics.median(times))
+"""
+
+
+def calibrate_wait(cache_dir: Path | None = None) -> tuple[OmpWait, str]:
+    """Time the calibration stack with idle threads sleeping and spinning, each in a fresh process (libgomp reads
+    its policy once, at load); keep spinning only if its median pass is faster by SPIN_MARGIN. Cached."""
+    import subprocess
+    import sys
+
+    threads = torch_threads_for(available_cpus()[0], on_gpu=False)
+    if threads == 1:
+        return "passive", "one model thread: nothing to wait for"
+    key = hashlib.sha256(json.dumps([cpu_features(), threads, _torch_version(), SPIN_COUNT]).encode()).hexdigest()
+    cache = (cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "/tmp")) / "mae-serve") / f"omp-{key[:16]}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        return cached["choice"], cached["why"] + " (cached)"
+    except (OSError, ValueError, KeyError):
+        pass
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    runs: dict[str, list[float]] = {"passive": [], "spin": []}
+    try:
+        for name, env in (("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("spin", {"GOMP_SPINCOUNT": SPIN_COUNT})):
+            out = subprocess.run([sys.executable, "-c", _CALIBRATION, str(threads)], env={**clean, **env},
+                                 capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+            runs[name].append(float(out.stdout.split()[-1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return "passive", f"calibration failed ({type(e).__name__}): passive"
+    passive, spin = min(runs["passive"]), min(runs["spin"])
+    choice: OmpWait = "spin" if spin * SPIN_MARGIN < passive else "passive"
+    why = f"timed here: {threads} threads, passive {passive * 1e3:.2f} ms, spin {spin * 1e3:.2f} ms"
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"choice": choice, "why": why}))
+    return choice, why
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def keep_freed_memory() -> bool:

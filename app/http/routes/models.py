@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from app.http.auth import require_api_key
 from app.http.readiness import get_service
 from app.http.schemas import ErrorBody, ModelInfo, ModelList, ServerLimits
+from app.serving import cpus
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -26,4 +27,4 @@ async def list_models(service: Annotated[Service, Depends(get_service)]) -> Mode
     limits = ServerLimits(
         max_images_per_request=s.max_images_per_request, max_queue=s.max_queue, max_body_bytes=s.max_body_bytes
     )
-    return ModelList(default=registry.default, models=models, limits=limits)
+    return ModelList(default=registry.default, models=models, limits=limits, runtime=cpus.runtime_report())
