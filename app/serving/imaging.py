@@ -36,6 +36,21 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, max_jpeg_s
     scaled decoding, Pillow's `draft`): faster, but the pixels are not a full decode's, so the model's input is not
     the reference preprocessing's (BENCHMARKS.md measures by how much). Without it, every image is decoded whole.
     """
+    im, fmt = open_checked(data, max_pixels, max_jpeg_scans)
+    if min_side and fmt == "JPEG":
+        im.draft(None, (min_side, min_side))
+    try:
+        im.load()
+        return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge("too_many_pixels", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UnreadableImage("undecodable", f"the {fmt} data is truncated or corrupt: {e}") from None
+
+
+def open_checked(data: bytes, max_pixels: int, max_jpeg_scans: int) -> tuple[Image.Image, str]:
+    """The image opened (its header read, no pixel decoded) and its format, once every limit is checked: what any
+    decoder may then decode (decode here, or app.serving.jpeg_gpu)."""
     if not data:
         raise UnreadableImage("empty_image", "the image is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -60,15 +75,7 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, max_jpeg_s
     # its first picture is the photo, and only that one is ever decoded.
     if getattr(im, "n_frames", 1) > 1 and fmt != "JPEG":
         raise UnsupportedImage("animated", "animated images are not supported: send a single frame")
-    if min_side and fmt == "JPEG":
-        im.draft(None, (min_side, min_side))
-    try:
-        im.load()
-        return to_rgb(im)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge("too_many_pixels", str(e)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UnreadableImage("undecodable", f"the {fmt} data is truncated or corrupt: {e}") from None
+    return im, fmt
 
 
 # In entropy-coded data 0xFF is followed by 0x00 (stuffing) or RSTn; anything else (but fill 0xFF) is a marker.

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from app.serving import imaging
+from app.serving import imaging, jpeg_gpu
 from app.serving.errors import BadMask, NotCapable, ServingError
 from app.serving.model_thread import Op, Result
 from app.serving.registry import ModelEntry
@@ -160,9 +160,14 @@ def _prepare(
     data: bytes, c: ModelConfig, mask: MaskSpec, ops: tuple[Op, ...], resize: ResizeMode, s: Settings
 ) -> tuple[np.ndarray, list[Masking | None]]:
     """In the I/O pool: the image decoded and resized to the model's input, and each op's masking (off the loop)."""
+    maskings = [mask.masking(c.num_patches, encoder_only=op == "embed") for op in ops]
+    if s.jpeg_decode == "cuda":  # MAE_JPEG_DECODE: nvJPEG and the resize on the GPU
+        device = jpeg_gpu.decode_device(s.device)
+        return jpeg_gpu.decode_preprocess(
+            data, c.img_size, resize, device, s.max_image_pixels, s.max_jpeg_scans
+        ), maskings
     draft = c.img_size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
     im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
-    maskings = [mask.masking(c.num_patches, encoder_only=op == "embed") for op in ops]
     return imaging.preprocess(im, c.img_size, resize), maskings
 
 

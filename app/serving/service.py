@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.serving import model_thread
+from app.serving import jpeg_gpu, model_thread
 from app.serving.engine import Batcher, Engine
 from app.serving.errors import UnknownModel
 from app.serving.model_thread import Forward
@@ -42,6 +42,7 @@ class Service:
 async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecutor) -> Service:
     """Load every model (on the model thread, like every batch), check the sha256 pins, warm up, start the engine."""
     t0 = time.perf_counter()
+    check_jpeg_decode(settings)
     loop = asyncio.get_running_loop()
     registry = await loop.run_in_executor(model_thread.executor(), Registry.from_settings, settings)
     check_pins(registry, settings.weight_pins())
@@ -66,6 +67,7 @@ async def start_remote(settings: Settings, address: str, io_pool: ThreadPoolExec
     """An HTTP worker's Service: the model process at `address` (app.serving.remote) has the models and the engine."""
     from app.serving.remote import RemoteEngine
 
+    check_jpeg_decode(settings)  # the workers decode
     engine = RemoteEngine(address)
     registry = await engine.connect(timeout=3600.0)  # as long as the model process takes to load and warm up
     log.info("worker %d ready: models %s in the model process", os.getpid(), ", ".join(registry.entries))
@@ -106,6 +108,12 @@ def warm_up_failure(e: Exception, settings: Settings, registry: Registry) -> str
             "or MAE_WARMUP=0 to see the error on the first request"
         )
     return f"warm-up failed on {where}: {what} ({fix})"
+
+
+def check_jpeg_decode(settings: Settings) -> None:
+    """MAE_JPEG_DECODE=cuda where it cannot work stops the start with one line, rather than every JPEG failing."""
+    if settings.jpeg_decode == "cuda" and (why := jpeg_gpu.unavailable(settings.device)):
+        raise ModelLoadError(why)
 
 
 def check_pins(registry: Registry, pins: dict[str | None, str]) -> None:
