@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[dev,ray]"
 	$(BIN)/pip install -q --no-deps vit-pytorch==1.16.0 kserve==0.21.0
 	touch $@
 
