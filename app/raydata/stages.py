@@ -28,7 +28,7 @@ from ray.data.datasource import Datasource, ReadTask
 from app.serving import imaging, model_thread
 from app.serving.errors import ServingError
 from app.serving.model_thread import Forward
-from app.serving.pipeline import MaskSpec
+from app.serving.pipeline import MaskSpec, prepare_image
 from app.serving.registry import ModelEntry, Registry
 from app.settings import Settings
 from client.dataset.storage import Shard, filesystem, public_uri, read_shard
@@ -93,18 +93,16 @@ def error_text(e: BaseException) -> str:
 
 
 def decode_batch(batch: pa.Table, size: int, resize: imaging.ResizeMode, settings: Settings) -> dict[str, np.ndarray]:
-    """Encoded images -> the model's uint8 input (size, size, 3), as the server prepares them (app.serving)."""
+    """Encoded images -> the model's uint8 input (size, size, 3), as the server prepares them (prepare_image)."""
     n = batch.num_rows
     out: dict[str, Any] = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in META}
     errors = list(batch.column("error").to_pylist())
     pixels = np.zeros((n, size, size, 3), np.uint8)
-    draft = size if settings.jpeg_draft else None
     for i, data in enumerate(batch.column("data").to_pylist()):
         if errors[i] is not None:
             continue
         try:
-            im = imaging.decode(data, settings.max_image_pixels, min_side=draft, max_jpeg_scans=settings.max_jpeg_scans)
-            pixels[i] = imaging.preprocess(im, size, resize)
+            pixels[i] = prepare_image(data, size, resize, settings)
         except ServingError as e:
             errors[i] = error_text(e)
     out["error"] = np.array(errors, dtype=object)

@@ -161,14 +161,18 @@ def _prepare(
 ) -> tuple[np.ndarray, list[Masking | None]]:
     """In the I/O pool: the image decoded and resized to the model's input, and each op's masking (off the loop)."""
     maskings = [mask.masking(c.num_patches, encoder_only=op == "embed") for op in ops]
+    return prepare_image(data, c.img_size, resize, s), maskings
+
+
+def prepare_image(data: bytes, size: int, resize: ResizeMode, s: Settings) -> np.ndarray:
+    """Encoded bytes -> the model's uint8 input (size, size, 3), as every front-end prepares an image (the HTTP
+    ones here, app.raydata in its decode tasks); an ImageError when it cannot be."""
     if s.jpeg_decode == "cuda":  # MAE_JPEG_DECODE: nvJPEG and the resize on the GPU
         device = jpeg_gpu.decode_device(s.device)
-        return jpeg_gpu.decode_preprocess(
-            data, c.img_size, resize, device, s.max_image_pixels, s.max_jpeg_scans
-        ), maskings
-    draft = c.img_size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
+        return jpeg_gpu.decode_preprocess(data, size, resize, device, s.max_image_pixels, s.max_jpeg_scans)
+    draft = size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
     im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
-    return imaging.preprocess(im, c.img_size, resize), maskings
+    return imaging.preprocess(im, size, resize)
 
 
 async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:
