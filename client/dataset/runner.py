@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from client.dataset.send import Fatal, Outcome, Sender, batchable, error_text
 from client.dataset.sources import Item, Source, open_source
+from client.dataset.storage import ShardsSource, expand, needs_fsspec, public_uri
 from client.dataset.store import Store
 from client.vocabulary import DTYPES, POOLS, RESIZES
 
@@ -173,8 +174,9 @@ async def run(
                                                  "patch_size", "grid", "family")},
             "parameters": parameters,
         }  # fmt: skip
-        source = open_source(opts.src, max_bytes=max_body - _MULTIPART_OVERHEAD)
-        extra = {"source": {"path": str(Path(opts.src).resolve()), "kind": source.kind}, "server": opts.url,
+        source = _source(opts.src, max_body - _MULTIPART_OVERHEAD)
+        where = public_uri(opts.src) if needs_fsspec(opts.src) else str(Path(opts.src).resolve())
+        extra = {"source": {"path": where, "kind": source.kind}, "server": opts.url,
                  "status": "running"}  # fmt: skip
         store = Store.open(Path(opts.out), identity, extra)
         query = {"pool": opts.pool, "dtype": opts.dtype, "mask_ratio": str(opts.mask_ratio), "model": model["name"],
@@ -257,6 +259,14 @@ async def run(
             with contextlib.suppress(ValueError):  # closes an open tar; "already executing" if a read is under way
                 chunks.close()
         return summary
+
+
+def _source(src: str, max_bytes: int) -> Source:
+    """A local folder, list or tar as before; anything else (a URI, a glob, a brace range, a parquet) through
+    fsspec (client.dataset.storage), its images indexed by URI."""
+    if needs_fsspec(src):
+        return ShardsSource(expand(src), max_bytes)
+    return open_source(src, max_bytes=max_bytes)
 
 
 def _count_in_background(source: Source, bar: tqdm, loop: asyncio.AbstractEventLoop) -> None:

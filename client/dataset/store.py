@@ -32,6 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from client.dataset.table import FORMAT as PARQUET_FORMAT
+from client.dataset.table import load as load_parquet
+from client.dataset.table import load_index as load_parquet_index
+
 INDEX = "index.csv"
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # held (flock) by the run writing the folder
@@ -373,16 +377,29 @@ class ShardedArray:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self.shards)})"
 
 
+def _parquet_output(out: str | Path) -> bool:
+    """An output of mae-embed-ray (client.dataset.table): a remote URI, or a manifest that says so."""
+    if "://" in str(out):
+        return True
+    path = Path(out) / MANIFEST
+    return path.exists() and json.loads(path.read_text()).get("format") == PARQUET_FORMAT
+
+
 def load_index(out: str | Path) -> dict[str, Any]:
     """Every row of the index, errors included, as columns: path, sha256, status, error (lists), shard, row (int64
-    arrays, -1 where no row). `pandas.DataFrame(load_index(d))` takes it as is."""
+    arrays, -1 where no row). `pandas.DataFrame(load_index(d))` takes it as is. Either output form."""
+    if _parquet_output(out):
+        return load_parquet_index(str(out))
     return read_index(Path(out))
 
 
-def load_embeddings(out: str | Path, key: str | None = None) -> tuple[ShardedArray, dict[str, Any]]:
+def load_embeddings(out: str | Path, key: str | None = None) -> tuple[ShardedArray | np.ndarray, dict[str, Any]]:
     """(embeddings, index): one array of the output (`key`: cls, mean, patches or patch_indices; default: the run's
     pool, cls for pool=all), memory-mapped, and the index columns of the images it holds: `index["path"][i]` is
-    the image of `embeddings[i]`."""
+    the image of `embeddings[i]`. Either output form: embed-dataset's .npy shards, or mae-embed-ray's parquet
+    (a numpy array then, read whole; `path` is the image's URI)."""
+    if _parquet_output(out):
+        return load_parquet(str(out), key)
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text())
     arrays = manifest.get("arrays", {})
