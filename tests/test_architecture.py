@@ -20,7 +20,7 @@ WEB = ("fastapi", "starlette", "uvicorn")
 # room -> what it must never import (prefixes of module names, ours or third-party)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "model": ("app", "client"),
-    "app.serving": ("app.http", "app.v2", "app.cli", "app.supervisor", *WEB),
+    "app.serving": ("app.http", "app.v2", "app.openai", "app.cli", "app.supervisor", *WEB),
     "client": ("app", "model", "photoset", "torch"),
     "photoset": ("app", "client"),
 }

@@ -22,6 +22,7 @@ from app.http import errors
 from app.http.middleware import BodyGuard, InFlight, Lifecycle
 from app.http.readiness import Readiness
 from app.http.routes import embed, health, models, page, reconstruct
+from app.openai import routes as openai_routes
 from app.serving import model_thread, service
 from app.serving.cpus import configure_torch_threads
 from app.serving.model_thread import Forward
@@ -123,6 +124,7 @@ def create_app(
     app.include_router(embed.router)
     app.include_router(models.router)
     app.include_router(v2_rest.router)
+    app.include_router(openai_routes.router)
     page.mount(app)
     errors.install(app)
     if settings.api_key_list:
@@ -140,6 +142,7 @@ def create_app(
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(Lifecycle, inflight=readiness.inflight, retry_after_s=settings.retry_after_s, exempt=PROBES)
     app.add_middleware(v2_rest.V2ErrorShape)  # outermost: every /v2 error answer, whoever gave it, in v2's shape
+    app.add_middleware(openai_routes.OpenAIErrorShape)  # and every /v1/embeddings one in OpenAI's
     return app
 
 
