@@ -321,6 +321,7 @@ def test_langchain_openai_embeddings(server):
         ("/big", 413, "fetched_too_large"),
         ("/chunked", 413, "fetched_too_large"),
         ("/text", 415, "unsupported_format"),
+        ("/a b.png", 400, "url_not_allowed"),  # a target HTTP cannot carry
     ],
 )
 def test_url_refusals_are_clear_4xx(server, origin, path, status, code):

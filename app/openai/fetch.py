@@ -159,7 +159,7 @@ async def _get_once(url: str, policy: Policy) -> tuple[int, str | None, bytes]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError) as e:
+    except (OSError, ValueError) as e:  # UnicodeError (a label over 63), an embedded NUL
         raise _failed(url, f"cannot resolve {host!r}: {e}") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
     for ip in addresses:  # every address, not only the first: DNS may answer a public and a private one
@@ -192,10 +192,10 @@ async def _exchange(
 ) -> tuple[int, str | None, bytes]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
     head = [("Host", host), ("User-Agent", "mae-serve"), ("Accept", "image/*"), ("Connection", "close")]
-    writer.write(conn.send(h11.Request(method="GET", target=target, headers=head)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()) or b"")
     status, parts, size = 0, [], 0
     try:
+        writer.write(conn.send(h11.Request(method="GET", target=target, headers=head)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -223,6 +223,8 @@ async def _exchange(
             else:  # ConnectionClosed before the end, InformationalResponse (skipped)
                 if isinstance(event, h11.ConnectionClosed):
                     raise _failed(url, "the connection closed before the answer was complete")
+    except h11.LocalProtocolError as e:  # a path or host h11 will not send (spaces, control characters)
+        raise _refuse(url, f"not a valid request: {e}") from None
     except h11.RemoteProtocolError as e:
         raise _failed(url, f"not a valid HTTP answer: {e}") from None
     except (OSError, ssl.SSLError) as e:
