@@ -118,7 +118,7 @@ class PatchModel(nn.Module, Generic[C]):
         """(N, C, H, W) -> (N, L, p*p*C), each patch flattened row by row, channels last (the official order)."""
         p = self.patch_size
         # Channels last first: then each patch row is one contiguous run of p*C values to copy, not p*C strided ones
-        # (a batch of 8 images: 2.7 ms instead of 7.4 on one core). The same values: only data moves.
+        # (BENCHMARKS.md). The same values: only data moves.
         nhwc = imgs.permute(0, 2, 3, 1).contiguous()
         return rearrange(nhwc, "n (h p) (w q) c -> n (h w) (p q c)", p=p, q=p)
 

@@ -23,8 +23,8 @@ class OneDNNLinear(nn.Linear):
     """An nn.Linear whose fp32 CPU inference runs oneDNN's matmul instead of PyTorch's default BLAS sgemm.
 
     Same parameters and state dict; results equal to fp32 rounding (~1e-6). Why: PyTorch's fp32 linear goes to MKL,
-    whose sgemm takes its AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it (BENCHMARKS.md: about
-    twice a whole ViT-B forward there). `_packed` (optional) holds the weight pre-reordered into oneDNN's blocked
+    whose sgemm takes its AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it (BENCHMARKS.md has
+    what that is worth). `_packed` (optional) holds the weight pre-reordered into oneDNN's blocked
     layout: a little faster again, for a second copy of the weights.
     """
 

@@ -195,8 +195,7 @@ def available_cpus() -> tuple[float, int, float | None]:
 def torch_threads_for(cpus: float, on_gpu: bool) -> int:
     """Threads for the model: on a GPU one (the device computes; CPU threads only launch kernels), on a CPU all but
     a quarter of the CPUs, rounded down, which are left to decoding and encoding: 2 CPUs -> 2, 4 -> 3, 16 -> 12.
-    (Leaving one of 2 CPUs idle for decoding halved a ViT-B's throughput for a small gain on tiny models; with a
-    busy loop on one of the 2 cores, 2 threads still keep most of their quiet throughput: BENCHMARKS.md.)"""
+    (On 2 CPUs both go to the model: a large model is most of the work there; BENCHMARKS.md has the measurements.)"""
     if on_gpu:
         return 1
     whole = max(1, math.floor(cpus))
