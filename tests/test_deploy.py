@@ -1,4 +1,4 @@
-"""Deployment files: Dockerfile, .dockerignore, docker-compose.yml, deploy/k8s/, scripts/gpu_smoke.py.
+"""Deployment files: Dockerfile, .dockerignore, docker-compose.yml, deploy/k8s/, scripts/gpu/kit.py --container.
 
 No container engine or cluster is needed. Each file is parsed and the fields that matter are checked (the
 service contract: MAE_* settings, /healthz and /readyz, graceful SIGTERM drain, a non-root read-only container,
@@ -34,7 +34,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 KSERVE = ROOT / "deploy" / "kserve"
-SMOKE = ROOT / "scripts" / "gpu_smoke.py"
+KIT = ROOT / "scripts" / "gpu" / "kit.py"
 
 # The MAE_* settings of the service contract (pydantic-settings, prefix MAE_); the app's Settings class, when it
 # imports, is the authority (see settings_names()). One process per container: there is deliberately no MAE_WORKERS.
@@ -854,80 +854,33 @@ def test_kserve_model_name_is_a_v1_model_name():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# scripts/gpu_smoke.py
+# scripts/gpu/kit.py --container (a GPU host with Docker; the lent GPU machine runs the kit without it)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @cache
-def smoke_module():
+def kit_module():
     pytest.importorskip("httpx")
-    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
+    spec = importlib.util.spec_from_file_location("gpu_kit", KIT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def test_gpu_smoke_help():
-    smoke_module()
-    r = subprocess.run([sys.executable, str(SMOKE), "--help"], capture_output=True, text=True, timeout=60)
+def test_gpu_kit_help():
+    r = subprocess.run([sys.executable, str(KIT), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "--device" in r.stdout and "--dtype" in r.stdout
+    assert "--device" in r.stdout and "--container" in r.stdout
 
 
-def test_gpu_smoke_metrics():
-    import numpy as np
-
-    m = smoke_module()
-    a = np.linspace(0, 1, 300).reshape(10, 10, 3)
-    assert m.psnr(a, a) == float("inf")
-    assert abs(m.psnr(a, a + 0.01) - 40.0) < 1e-6  # MSE 1e-4 -> 40 dB
-    assert abs(m.cosine(np.array([1.0, 0.0]), np.array([1.0, 1.0])) - 2**-0.5) < 1e-12
-    images = m.synthetic_images(2, seed=0)
-    assert images == m.synthetic_images(2, seed=0), "the test images are deterministic"
-    args = m.parse_args(["--device", "cpu", "--dtype", "float32"])
-    assert (args.ref_device, args.burst, args.concurrency) == ("cpu", 32, 8)
-
-
-def test_gpu_smoke_reads_the_request_shape_from_openapi():
-    m = smoke_module()
-    doc = {
-        "paths": {
-            "/v1/reconstruct": {
-                "post": {
-                    "parameters": [{"name": "seed", "in": "query"}],
-                    "requestBody": {
-                        "content": {"multipart/form-data": {"schema": {"$ref": "#/components/schemas/Body"}}}
-                    },
-                }
-            }
-        },
-        "components": {
-            "schemas": {
-                "Body": {
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "format": {"type": "string"},
-                    }
-                }
-            }
-        },
-    }
-    ep = m.endpoint_from_openapi(doc, "/v1/reconstruct")
-    assert (ep.file_field, ep.query, ep.form, ep.known) == ("file", {"seed"}, {"format"}, True)
-    kwargs = ep.request(b"png", "a.png", {"seed": 3, "format": "json", "model": None})
-    assert kwargs["params"] == {"seed": 3} and kwargs["data"] == {"format": "json"} and "file" in kwargs["files"]
-    guessed = m.endpoint_from_openapi(None, "/v1/embed")
-    assert not guessed.known and guessed.request(b"x", "a.png", {"format": "json"})["params"] == {"format": "json"}
-
-
-def test_gpu_smoke_container_mode_runs_the_image_as_compose_does(tmp_path):
+def test_gpu_kit_container_mode_runs_the_image_as_compose_does(tmp_path):
     """--container: `docker run` with the compose file's hardening, --gpus all for a GPU, weights mounted read-only."""
-    m = smoke_module()
+    m = kit_module()
     service = compose()["services"]["mae-serve"]
     weights = tmp_path / "large.safetensors"
-    args = m.parse_args(["--container", "mae-serve:0.1.0", "--weights", str(weights)])
-    server = m.ContainerServer("candidate", "cuda", "bfloat16", args, tmp_path)
+    env = {"MAE_DEVICE": "cuda", "MAE_DTYPE": "bfloat16", "MAE_WEIGHTS": str(weights), "MAE_SHUTDOWN_TIMEOUT_S": "20"}
+    server = m.container_server(env, "mae-serve:0.1.0", "docker", tmp_path / "log", "candidate")
     cmd = server.docker_run()
     assert cmd[:3] == ["docker", "run", "-d"] and cmd[-1] == "mae-serve:0.1.0"
     flags = " ".join(cmd)
@@ -938,10 +891,10 @@ def test_gpu_smoke_container_mode_runs_the_image_as_compose_does(tmp_path):
     assert all(f"--security-opt {o}" in flags for o in service["security_opt"])
     assert ("--init" in cmd) is service["init"] is True
     stop = int(cmd[cmd.index("--stop-timeout") + 1])
-    assert stop > args.shutdown_timeout and stop <= seconds(service["stop_grace_period"])
+    assert stop > 20 and stop <= seconds(service["stop_grace_period"])
     assert f"-v {tmp_path}:/weights:ro" in flags and "-e MAE_WEIGHTS=/weights/large.safetensors" in flags
     assert "-e MAE_DEVICE=cuda" in flags and "-e MAE_DTYPE=bfloat16" in flags
-    cpu = m.ContainerServer("reference", "cpu", "float32", m.parse_args(["--container", "x"]), tmp_path)
+    assert "MAE_HOST" not in flags and "MAE_PORT" not in flags  # the image listens where its Dockerfile says
+    cpu = m.container_server({"MAE_DEVICE": "cpu"}, "x", "docker", tmp_path / "log", "reference")
     assert "--gpus" not in cpu.docker_run()
-    with pytest.raises(SystemExit):
-        m.parse_args(["--build"])  # --build needs --container
+    assert m.parse_args(["--container", "x", "--device", "cpu", "--quick"]).workers == [1]  # as deployed

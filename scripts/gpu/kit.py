@@ -269,6 +269,117 @@ class GpuSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --container: the servers as containers of an image (a GPU host with Docker, not the lent machine)
+# ----------------------------------------------------------------------------------------------------------------
+
+# The hardening docker-compose.yml gives the service (tests/test_deploy.py checks that the two agree).
+CONTAINER_HARDENING = [
+    "--read-only",
+    "--tmpfs",
+    "/tmp:size=1g,mode=1777",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges:true",
+    "--init",
+]
+
+
+def container_server(env: dict[str, str], image: str, docker: str, log_path: Path, label: str) -> Any:
+    """A server as tests.harness.ServerProcess has it, run as `docker run IMAGE` the way docker-compose.yml runs it,
+    published on a loopback port; a cuda device gets `--gpus all`, MAE_WEIGHTS (a file here) is mounted read-only
+    at /weights. SIGTERM is `docker stop`, which waits for the drain."""
+    import shlex
+
+    from tests.harness import ServerProcess
+
+    class ContainerServer(ServerProcess):
+        def __init__(self) -> None:
+            super().__init__(env, log_path=log_path)
+            self.docker = shlex.split(docker)
+            self.name = f"mae-kit-{label}-{os.getpid()}"
+            self.stop_timeout = int(float(self.env.get("MAE_SHUTDOWN_TIMEOUT_S", "20"))) + 10
+            self.started = False
+            self.stopper: subprocess.Popen[bytes] | None = None
+
+        def docker_run(self) -> list[str]:
+            cmd = [*self.docker, "run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000"]
+            cmd += [*CONTAINER_HARDENING, "--stop-timeout", str(self.stop_timeout)]
+            inner = {k: v for k, v in self.env.items() if k not in ("MAE_HOST", "MAE_PORT")}  # the image's own
+            if inner.get("MAE_DEVICE", "").startswith("cuda"):
+                cmd += ["--gpus", "all"]
+            if inner.get("MAE_WEIGHTS"):
+                host = Path(inner["MAE_WEIGHTS"]).resolve()
+                cmd += ["-v", f"{host.parent}:/weights:ro"]
+                inner["MAE_WEIGHTS"] = f"/weights/{host.name}"
+            for k, v in inner.items():
+                cmd += ["-e", f"{k}={v}"]
+            return [*cmd, image]
+
+        def run_docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*self.docker, *args], capture_output=True, text=True, timeout=timeout)
+
+        def start(self) -> ContainerServer:
+            r = subprocess.run(self.docker_run(), capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                raise SetupError(f"docker run failed ({r.returncode}): {r.stderr.strip()}")
+            self.started, self._t0 = True, time.monotonic()
+            return self
+
+        def exit_code(self) -> int | None:
+            r = self.run_docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.name)
+            if r.returncode != 0:
+                raise SetupError(f"container {self.name} is gone: {r.stderr.strip()}")
+            running, code = r.stdout.split()
+            return None if running == "true" else int(code)
+
+        def sigterm(self) -> None:
+            stop = [*self.docker, "stop", "-t", str(self.stop_timeout), self.name]
+            self.stopper = subprocess.Popen(stop, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def wait_exit(self, timeout: float) -> int | None:
+            try:
+                r = self.run_docker("wait", self.name, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+            if self.stopper is not None:
+                self.stopper.wait(timeout=30)
+            code = int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+            return None if code == 137 else code  # 137: docker stop's SIGKILL after its timeout
+
+        def kill(self) -> None:
+            if self.started:
+                self.run_docker("kill", self.name)
+
+        def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+            if not self.started:
+                return 0
+            rc: int | None = None
+            with contextlib.suppress(SetupError):
+                rc = self.exit_code()
+                if rc is None:
+                    self.sigterm()
+                    rc = self.wait_exit(timeout)
+            r = self.run_docker("logs", self.name)
+            self.log_path.write_text(r.stdout + r.stderr)
+            self.run_docker("rm", "-f", self.name)
+            self.started = False
+            return -1 if rc is None else rc
+
+        def log(self) -> str:
+            if self.started:
+                r = self.run_docker("logs", self.name)
+                return r.stdout + r.stderr
+            return super().log() if self.log_path.exists() else ""
+
+        def cpu_seconds(self) -> float:
+            return math.nan  # inside the container: not this host's /proc
+
+    return ContainerServer()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -441,7 +552,11 @@ class Kit:
         from tests.harness import ServerProcess
 
         base = {"MAE_API_KEYS": "", "MAE_LOG_LEVEL": "info", "MAE_SHUTDOWN_TIMEOUT_S": "20"}
-        s = ServerProcess({**base, **env}, log_path=self.work / f"{label}.log")
+        log = self.work / f"{label}.log"
+        if self.args.container:
+            s = container_server({**base, **env}, self.args.container, self.args.docker, log, label)
+        else:
+            s = ServerProcess({**base, **env}, log_path=log)
         s.label = label  # type: ignore[attr-defined]
         self.servers.append(s)
         s.start()
@@ -449,7 +564,8 @@ class Kit:
         return s
 
     def ready(self, s: Any, timeout: float) -> float:
-        t = s.wait_ready(timeout=min(timeout, max(5.0, self.left())))
+        poll = 0.5 if self.args.container else 0.05  # each poll of a container is a docker call
+        t = s.wait_ready(timeout=min(timeout, max(5.0, self.left())), poll_s=poll)
         print(f"  {s.label} ready in {t:.1f} s", flush=True)
         return t
 
@@ -516,7 +632,7 @@ class Kit:
             "unfinished": sum(r["unfinished"] for r in per),
             "mean_batch": delta("mae_batch_size_sum") / batches if batches else None,
             "model_images_per_s": images / (p1[0] - p0[0]),
-            "server_cpu_ms_per_image": 1000 * (p1[1] - p0[1]) / images if images else None,
+            "server_cpu_ms_per_image": 1000 * (p1[1] - p0[1]) / images if images and p1[1] == p1[1] else None,
             "client_cpu_pct": [round(r["client_cpu_pct"], 1) for r in per],
             "window_skew_s": round(max(abs(r["window_wall"][0] - p0[0]) for r in per), 2),
         }
@@ -563,7 +679,8 @@ class Kit:
             "float32": self.server(f"smoke-{dev}-fp32", MAE_DEVICE=dev, MAE_DTYPE="float32"),
             "bfloat16": self.server(f"smoke-{dev}-bf16", MAE_DEVICE=dev, MAE_DTYPE="bfloat16"),
         }
-        rec["precision_in_process"] = precision_variants(self.smoke_photos, dev)  # while the servers start
+        if not a.container:  # in-process: this host's model, not the image's
+            rec["precision_in_process"] = precision_variants(self.smoke_photos, dev)  # while the servers start
         for s in (ref, *cands.values()):
             self.ready(s, 120)
         answers = {"ref": served_answers(ref, self.smoke_photos)}
@@ -589,7 +706,9 @@ class Kit:
     def build_vitb(self) -> Path:
         """A random ViT-B (too large to carry), saved where the servers load it; the small bundled model in --quick."""
         if self.vitb is None:
-            if self.args.quick:
+            if self.args.weights:
+                self.vitb = Path(self.args.weights)
+            elif self.args.quick:
                 self.vitb = BUNDLED
             else:
                 import torch
@@ -605,7 +724,7 @@ class Kit:
     def phase_ceiling(self, rec: dict[str, Any]) -> None:
         a = self.args
         path = self.build_vitb()
-        rec["model"] = a.model if not a.quick else "bundled mae_vit_demo_patch16"
+        rec["model"] = a.weights or ("bundled mae_vit_demo_patch16" if a.quick else f"{a.model}, random weights")
         rec["rows"] = ceiling(path, self.photos, a.device, a.batches, a.min_time)
         ok = all(r["images_per_s"] > 0 for r in rec["rows"])
         self.check(rec, "every batch size ran", ok and len(rec["rows"]) == 2 * 2 * len(a.batches))
@@ -681,11 +800,14 @@ class Kit:
         # The dry run's limits are loose: it shares two busy cores. The device's add up to its budget.
         q = a.quick
         self.phase("smoke", 100 if q else 70, self.phase_smoke)
-        self.phase("ceiling", 60 if q else 45, self.phase_ceiling)
-        self.phase("http", 100 if q else 110, self.phase_http, need=20)
-        self.phase("jpeg_decode", 40 if q else 45, self.phase_jpeg)
-        self.phase("compile_default", 0 if q else 70, self.phase_compile("default"), need=40)
-        self.phase("compile_reduce_overhead", 0 if q else 80, self.phase_compile("reduce-overhead"), need=40)
+        if a.container:  # the image's servers only: the in-process phases would measure this host
+            self.phase("http", 100 if q else 110, self.phase_http, need=20)
+        else:
+            self.phase("ceiling", 60 if q else 45, self.phase_ceiling)
+            self.phase("http", 100 if q else 110, self.phase_http, need=20)
+            self.phase("jpeg_decode", 40 if q else 45, self.phase_jpeg)
+            self.phase("compile_default", 0 if q else 70, self.phase_compile("default"), need=40)
+            self.phase("compile_reduce_overhead", 0 if q else 80, self.phase_compile("reduce-overhead"), need=40)
         if self.sampler:
             self.sampler.close()
         self.write()
@@ -1113,6 +1235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--site", default="/tmp/mae-kit-site", help="where the wheels are installed")
     p.add_argument("--install", choices=["auto", "always", "never"], default="auto", help="auto: when needed")
     p.add_argument("--model", default="mae_vit_base_patch16", help="the served and measured architecture")
+    p.add_argument("--weights", help="serve and measure this file instead (default: --model, random weights)")
     p.add_argument("--dtype", default=None, help="MAE_DTYPE of the HTTP phases (default bfloat16 on cuda)")
     p.add_argument("--max-batch", type=int, default=None, help="MAE_MAX_BATCH_SIZE (default 32; quick 4)")
     p.add_argument("--workers", default=None, help="MAE_WORKERS values (default 1,8,14; quick 1,2)")
@@ -1125,6 +1248,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=float, default=None, help="seconds (default 6; quick 1.5)")
     p.add_argument("--batches", default=None, help="ceiling batch sizes (default 1,2,4,...,256; quick 1,2,4)")
     p.add_argument("--min-time", type=float, default=None, help="ceiling seconds per point (default 0.3)")
+    p.add_argument(
+        "--container",
+        metavar="IMAGE",
+        help="on a GPU host with Docker: the servers as containers of IMAGE (hardened as docker-compose.yml runs "
+        "them; --gpus all for cuda), smoke and HTTP phases only; the in-process model is left out",
+    )
+    p.add_argument("--docker", default="docker", help="the docker command (default: docker)")
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the Markdown of a results.json and exit")
     a = p.parse_args(argv)
     q = a.quick
@@ -1135,7 +1265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.budget = pick(a.budget, 345.0, 300.0)
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
     a.max_batch = pick(a.max_batch, 32, 4)
-    a.workers = [int(w) for w in pick(a.workers, "1,8,14", "1,2").split(",")]
+    one = "1" if a.container else None  # one server process per container, as deployed
+    a.workers = [int(w) for w in pick(a.workers, one or "1,8,14", one or "1,2").split(",")]
     a.compile_workers = 2 if q and a.compile_workers == 8 else a.compile_workers
     a.clients = pick(a.clients, 4, 2)
     a.connections = pick(a.connections, 16, 2)
