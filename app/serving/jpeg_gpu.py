@@ -9,12 +9,12 @@ nvJPEG does not take (CMYK, a decode error) goes the CPU way, so a broken image 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.serving import imaging
 from client.vocabulary import ResizeMode
@@ -53,31 +53,57 @@ def _stream(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    # Antialiased bicubic (a = -0.5): PyTorch's port of Pillow's resampling filter.
-    return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+@functools.lru_cache(maxsize=64)  # photos come in a few sizes; each matrix is at most a few MB on the device
+def _weights(in_size: int, box0: float, box1: float, out_size: int, device: torch.device) -> torch.Tensor:
+    """(out_size, in_size) resampling weights of Pillow's bicubic filter (a = -0.5, widened when shrinking) for the
+    input span [box0, box1): Pillow's precompute_coeffs, as a dense matrix."""
+    scale = (box1 - box0) / out_size
+    fscale = max(scale, 1.0)
+    centers = box0 + (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum(np.trunc(centers - 2.0 * fscale + 0.5), 0)
+    xmax = np.minimum(np.trunc(centers + 2.0 * fscale + 0.5), in_size)
+    x = np.arange(in_size)
+    t = np.abs((x[None, :] - centers[:, None] + 0.5) / fscale)
+    w = np.where(t < 1, (1.5 * t - 2.5) * t * t + 1, np.where(t < 2, -0.5 * (((t - 5) * t + 8) * t - 4), 0.0))
+    w = np.where((x[None, :] >= xmin[:, None]) & (x[None, :] < xmax[:, None]), w, 0.0)
+    return torch.from_numpy((w / w.sum(axis=1, keepdims=True)).astype(np.float32)).to(device)
+
+
+def _to_u8(x: torch.Tensor) -> torch.Tensor:
+    return (x + 0.5).floor_().clamp_(0, 255)  # Pillow rounds half up and clips after each pass
+
+
+def _resize(x: torch.Tensor, box: tuple[float, float, float, float], w: int, h: int) -> torch.Tensor:
+    """(3, H, W) pixels as floats -> (3, h, w): Pillow's Image.resize(BICUBIC, box=box), the horizontal pass then the
+    vertical, each rounded to 8 bits as Pillow does (a pass it would skip is skipped). Pillow 13 runs the vertical
+    pass first for some tall images: there a few pixels differ by up to 3 levels."""
+    _, H, W = x.shape
+    if (w, box[0], box[2]) != (W, 0, W):
+        x = _to_u8(x @ _weights(W, box[0], box[2], w, x.device).T)
+    if (h, box[1], box[3]) != (H, 0, H):
+        x = _to_u8(_weights(H, box[1], box[3], h, x.device) @ x)
+    return x
 
 
 def preprocess(pixels: torch.Tensor, size: int, mode: ResizeMode) -> torch.Tensor:
-    """(3, H, W) uint8 -> (size, size, 3) uint8 on the same device, with imaging.preprocess's geometry (the crop
-    rounded to whole pixels)."""
+    """(3, H, W) uint8 -> (size, size, 3) uint8 on the same device: imaging.preprocess, step for step."""
     _, h, w = pixels.shape
-    x = pixels[None].float()
+    x = pixels.float()
     if mode == "squash":
-        out = _resize(x, size, size)
+        out = _resize(x, (0, 0, w, h), size, size)
     elif mode == "crop":
         side = min(w, h)
-        top, left = (h - side) // 2, (w - side) // 2
-        out = _resize(x[..., top : top + side, left : left + side], size, size)
+        left, top = (w - side) / 2, (h - side) / 2
+        out = _resize(x, (left, top, left + side, top + side), size, size)
     elif mode == "pad":
         s = size / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        out = x.new_zeros(1, 3, size, size)
+        out = x.new_zeros(3, size, size)
         top, left = (size - nh) // 2, (size - nw) // 2
-        out[..., top : top + nh, left : left + nw] = _resize(x, nh, nw)
+        out[:, top : top + nh, left : left + nw] = _resize(x, (0, 0, w, h), nw, nh)
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
-    return out.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+    return out.to(torch.uint8).permute(1, 2, 0)
 
 
 def decode_preprocess(
