@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("app", "client", "model", "photoset", "weights")
 WEB = ("fastapi", "starlette", "uvicorn")
@@ -20,7 +18,8 @@ WEB = ("fastapi", "starlette", "uvicorn")
 # room -> what it must never import (prefixes of module names, ours or third-party)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "model": ("app", "client"),
-    "app.serving": ("app.http", "app.v2", "app.openai", "app.cli", "app.supervisor", *WEB),
+    "app.serving": ("app.http", "app.v2", "app.openai", "app.raydata", "app.cli", "app.supervisor", *WEB),
+    "app.raydata": ("app.http", "app.v2", "app.openai", "app.cli", "app.supervisor", *WEB),
     "client": ("app", "model", "photoset", "torch"),
     "photoset": ("app", "client"),
 }
@@ -51,11 +50,13 @@ def violations(room: str, forbidden: tuple[str, ...], graph: dict[str, set[str]]
     return {m: d for m, d in found.items() if d}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("room", FORBIDDEN)
 def test_rooms_import_only_what_they_may(room):
     assert violations(room, FORBIDDEN[room], imports(room)) == {}
 
 
+@pytest.mark.unit
 def test_the_rule_catches_a_planted_import(tmp_path):
     """The check above can fail: a serving module that imports the HTTP room, or fastapi, is named."""
     graph = {"app.serving.pipeline": {"app.http.errors", "app.http.errors.APIError"}, "app.serving.engine": {"fastapi"}}
@@ -65,6 +66,7 @@ def test_the_rule_catches_a_planted_import(tmp_path):
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("package", ["app", "client", "model"])
 def test_no_import_circles(package):
     ours = {module_name(p) for p in (ROOT / package).rglob("*.py")}
@@ -72,6 +74,7 @@ def test_no_import_circles(package):
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
 
 
+@pytest.mark.integration  # spawns processes
 def test_serving_core_runs_a_batch_without_a_web_framework():
     """What the Ray path and any other front-end build on: load a model, decode an image, run it through the
     engine, with fastapi, starlette and uvicorn never imported."""

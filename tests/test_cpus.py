@@ -11,9 +11,8 @@ import pytest
 
 from app.serving import cpus
 
-pytestmark = pytest.mark.unit
 
-
+@pytest.mark.unit
 def test_cgroup_v2_and_v1_quotas(tmp_path):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cpus.cgroup_quota(tmp_path) == 1.5
@@ -29,12 +28,14 @@ def test_cgroup_v2_and_v1_quotas(tmp_path):
     assert cpus.cgroup_quota(tmp_path / "nowhere") is None
 
 
+@pytest.mark.unit
 def test_threads_leave_room_for_decoding():
     assert [cpus.torch_threads_for(n, on_gpu=False) for n in (0.5, 1, 2, 3, 4, 8, 16)] == [1, 1, 2, 3, 3, 6, 12]
     assert cpus.torch_threads_for(1.5, on_gpu=False) == 1  # a quota of 1.5 CPUs: one thread
     assert cpus.torch_threads_for(16, on_gpu=True) == 1
 
 
+@pytest.mark.unit
 def test_configure_applies_the_setting_or_the_policy(monkeypatch):
     import torch
 
@@ -57,6 +58,7 @@ def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 OMP = "from app.serving.cpus import prepare_runtime; prepare_runtime(); import torch; torch.ones(9**7)"
 
 
+@pytest.mark.integration  # spawns processes
 def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
     # libgomp prints how long its idle threads spin (OMP_DISPLAY_ENV): 0 only if the policy was set before torch
     # loaded it; its default, unset, is 300,000 spins, and ACTIVE far more.
@@ -82,6 +84,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.integration  # spawns processes
 def test_freed_batch_sized_blocks_are_reused_not_faulted_in_again():
     untuned = int(_child(FAULTS.format(tuned=False)).stdout)
     tuned = int(_child(FAULTS.format(tuned=True)).stdout)
@@ -89,6 +92,7 @@ def test_freed_batch_sized_blocks_are_reused_not_faulted_in_again():
     assert tuned < untuned / 10, (tuned, untuned)
 
 
+@pytest.mark.integration  # spawns processes
 def test_spin_keeps_libgomp_spinning_and_the_users_policy_wins():
     spin = _child(OMP.replace("prepare_runtime()", "prepare_runtime('spin')"), OMP_DISPLAY_ENV="VERBOSE").stderr
     assert f"GOMP_SPINCOUNT = '{cpus.SPIN_COUNT}'" in spin
@@ -98,6 +102,7 @@ def test_spin_keeps_libgomp_spinning_and_the_users_policy_wins():
     assert "OMP_WAIT_POLICY=ACTIVE (set in the environment)" in line, line
 
 
+@pytest.mark.integration  # spawns processes
 def test_auto_times_both_policies_here_and_caches_the_choice(tmp_path):
     choice, why = cpus.calibrate_wait(cache_dir=tmp_path)
     assert choice in ("passive", "spin")
@@ -110,6 +115,7 @@ def test_auto_times_both_policies_here_and_caches_the_choice(tmp_path):
         assert again != choice and why == "planted (cached)"  # read back, not timed again
 
 
+@pytest.mark.unit
 def test_cpu_features_are_read_and_reported(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
     info.write_text("model name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16 sse\n")

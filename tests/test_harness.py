@@ -12,7 +12,7 @@ import pytest
 
 from tests.harness import ServerProcess
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # spawns processes
 
 # A "server" that starts a worker the way LitServe does (a child that does not die with its parent) and waits.
 PARENT = (
