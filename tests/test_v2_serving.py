@@ -176,7 +176,7 @@ def test_overload_is_503_with_retry_after_and_grpc_unavailable(weights):
 
 def test_sigterm_drains_grpc_and_http_in_flight_and_refuses_new_calls(weights):
     # 1 s a pass: the three requests (two gRPC channels, one HTTP) reach the queue while the first computes
-    srv = slow_server(weights, MAE_TEST_FORWARD_SLEEP_S="1.0", MAE_SHUTDOWN_TIMEOUT_S="10")
+    srv = slow_server(weights, MAE_TEST_FORWARD_SLEEP_S="1.0", MAE_SHUTDOWN_TIMEOUT_S="120")
     proc = srv.start().proc
     try:
         srv.wait_ready()
@@ -195,17 +195,15 @@ def test_sigterm_drains_grpc_and_http_in_flight_and_refuses_new_calls(weights):
         for t in threads:
             t.start()
         wait_for(srv.url, "mae_queue_depth 2.0")  # one computing, two queued
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         late = grpc_infer(address, timeout=5)[0]  # after the signal: refused, not queued
         for t in threads:
             t.join(30)
-        rc = proc.wait(20)
-        took = time.monotonic() - t0
+        rc = proc.wait(60)  # it exits once the in-flight work is answered, not at its 120-s drain budget
         assert late == grpc.StatusCode.UNAVAILABLE, late
         assert sorted(results) == [("grpc", grpc.StatusCode.OK)] * 2 + [("http", 200)], results
-        assert rc == 0 and took < 10, (rc, took, srv.stderr()[-2000:])
+        assert rc == 0, (rc, srv.stderr()[-2000:])
         assert "Traceback" not in srv.stderr()
     finally:
         srv.kill()
