@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The mask ratio when none is asked for: the paper's 75 % for a reconstruction; an embedding sees every patch.
+RECONSTRUCT_MASK_RATIO = 0.75
+EMBED_MASK_RATIO = 0.0
+
 
 @dataclass(frozen=True)
 class Masking:

@@ -82,6 +82,19 @@ def per_image(results: Sequence[T | BaseException], retry_after_s: int) -> list[
     return out
 
 
+def all_or_nothing(results: Sequence[T | APIError], label: str = "image {i}") -> list[T]:
+    """For answers with no per-image errors (binary /v1 formats, v2, OpenAI): the first refused image fails the
+    request, its message naming which one (`label` with its index: "image 1: ...") when there were several."""
+    done: list[T] = []
+    for i, r in enumerate(results):
+        if isinstance(r, APIError):
+            if len(results) > 1:
+                raise APIError(r.status, r.code, f"{label.format(i=i)}: {r.message}", r.headers)
+            raise r
+        done.append(r)
+    return done
+
+
 def from_validation(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """Pydantic's (or FastAPI's) validation errors -> one 422 naming the first problem and where it is."""
     first: Mapping[str, Any] = errors[0] if errors else {}

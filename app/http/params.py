@@ -27,6 +27,7 @@ from app.serving.registry import ModelEntry
 from app.serving.render import View
 from app.serving.service import Service
 from client.vocabulary import EmbedDtype, Pool, ResizeMode
+from model.masking import EMBED_MASK_RATIO, RECONSTRUCT_MASK_RATIO
 
 MAX_SEED = 2**63 - 1
 DEADLINE_HEADER = "X-MAE-Deadline-Ms"
@@ -92,13 +93,17 @@ class MaskParams(BaseModel):
 
 
 class ReconstructParams(MaskParams):
-    mask_ratio: float = Field(0.75, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden")
+    mask_ratio: float = Field(
+        RECONSTRUCT_MASK_RATIO, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden"
+    )
     view: View = Field("paste", description="the PNG answer's view")
     format: Literal["png", "json"] = Field("png", description="png: one view; json: every view, the mask and PSNR")
 
 
 class EmbedParams(MaskParams):
-    mask_ratio: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden; 0 = all")
+    mask_ratio: float = Field(
+        EMBED_MASK_RATIO, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden; 0 = all"
+    )
     pool: Pool = Field("all", description="which embeddings")
     format: Literal["json", "npy", "npz"] = Field("json", description="json, or numpy.load-able npy / npz")
     dtype: EmbedDtype = Field("float32", description="of the binary formats")

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http.auth import require_api_key
-from app.http.errors import APIError, api_error, from_validation, per_image
+from app.http.errors import APIError, all_or_nothing, api_error, from_validation, per_image
 from app.http.jsonio import JSONAnswer
 from app.http.params import deadline_of, draw_seed
 from app.http.readiness import get_service
@@ -121,12 +121,12 @@ async def embeddings(request: Request, service: Annotated[Service, Depends(get_s
         got = await asyncio.gather(
             *(fetch.fetch(x, policy) if isinstance(x, str) else _given(x) for x in items), return_exceptions=True
         )
-        images = _all_or_first_error(per_image(got, s.retry_after_s), len(items))
+        images = _all_or_first_error(per_image(got, s.retry_after_s))
 
     def one(data: bytes) -> Any:
         return pipeline.embed(service, entry, data, mask, req.resize, deadline)
 
-    results = _all_or_first_error(per_image(await pipeline.each(images, one), s.retry_after_s), len(items))
+    results = _all_or_first_error(per_image(await pipeline.each(images, one), s.retry_after_s))
     return _answer(results, pooling, req.encoding_format, entry.name)
 
 
@@ -134,12 +134,12 @@ async def _given(b: bytes) -> bytes:
     return b
 
 
-def _all_or_first_error(results: list[Any], n: int) -> list[Any]:
+def _all_or_first_error(results: list[Any]) -> list[Any]:
     """OpenAI's API has no per-item errors: the first refused image is the answer, naming its index."""
-    for i, r in enumerate(results):
-        if isinstance(r, APIError):
-            raise OpenAIError.of(r, "input", f"input[{i}]: " if n > 1 else "")
-    return results
+    try:
+        return all_or_nothing(results, label="input[{i}]")
+    except APIError as e:
+        raise OpenAIError.of(e, "input") from None
 
 
 def _answer(results: list[Embedded], pooling: str, encoding: str, model: str) -> Response:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.http.params import MAX_SEED
 from client.vocabulary import ResizeMode
+from model.masking import EMBED_MASK_RATIO
 
 
 def _inputs(v: Any) -> Any:
@@ -40,7 +41,9 @@ class EmbeddingsRequest(BaseModel):
     pooling: Literal["cls", "mean"] | None = Field(
         None, description="cls | mean; default: cls where the model has a CLS token (as the paper probes), else mean"
     )
-    mask_ratio: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden; 0 = all")
+    mask_ratio: float = Field(
+        EMBED_MASK_RATIO, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden; 0 = all"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seeds the random mask (mask_ratio > 0)")
     resize: ResizeMode = Field("squash", description="squash (the official demo) | crop (centre square) | pad")
 

@@ -18,7 +18,7 @@ from app.serving.errors import UnknownModel
 from app.serving.model_thread import Forward
 from app.serving.registry import ModelEntry, ModelLoadError, Registry
 from app.settings import Settings
-from model.masking import Masking, len_keep_for_ratio, random_noise
+from model.masking import RECONSTRUCT_MASK_RATIO, Masking, len_keep_for_ratio, random_noise
 
 log = logging.getLogger("mae.service")
 
@@ -83,7 +83,7 @@ def warm_up(forward: Forward, registry: Registry, max_batch: int) -> None:
             images = torch.randint(0, 256, (b, c.img_size, c.img_size, 3), dtype=torch.uint8)
             model_thread.compute(forward, entry, "embed", images, None)
             if c.has_decoder:
-                masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, 0.75))
+                masking = Masking(random_noise(b, n, seed=0), len_keep_for_ratio(n, RECONSTRUCT_MASK_RATIO))
                 model_thread.compute(forward, entry, "reconstruct", images, masking)
 
 

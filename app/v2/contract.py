@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from app.http.errors import APIError
 from app.http.params import MaskParams, parse
 from app.serving.registry import ModelEntry
+from model.masking import EMBED_MASK_RATIO, RECONSTRUCT_MASK_RATIO
 
 INPUT = "image"
 EMBEDDING = ("cls", "mean", "patches", "patch_indices")
@@ -33,7 +34,6 @@ PIXELS = ("reconstruction", "paste", "masked", "mse")
 DEFAULT = ("cls", "mean", "patches")
 VERSION = "1"  # every model has one version; /versions/1 names it, and so does an empty version
 PLATFORM = "pytorch"
-RECONSTRUCT_RATIO, EMBED_RATIO = 0.75, 0.0  # /v1's defaults
 
 Scalar = bool | int | float | str  # what a v2 parameter value can be
 
@@ -127,7 +127,7 @@ class Plan:
 
     @property
     def default_ratio(self) -> float:
-        return RECONSTRUCT_RATIO if self.pixels else EMBED_RATIO
+        return RECONSTRUCT_MASK_RATIO if self.pixels else EMBED_MASK_RATIO
 
 
 def plan(entry: ModelEntry, requested: list[Requested] | None, binary_default: bool) -> Plan:

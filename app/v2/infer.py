@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from app.http.errors import APIError, api_error
+from app.http.errors import all_or_nothing, per_image
 from app.http.params import draw_seed
 from app.serving import pipeline, render
 from app.serving.errors import ServingError
@@ -62,15 +62,7 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
 
 def _all_or_error(results: list[T | ServingError], retry_after_s: int) -> list[T]:
     """A v2 answer has no per-image errors: the first image that failed fails the request, and says which it was."""
-    done: list[T] = []
-    for i, answer in enumerate(results):
-        if isinstance(answer, ServingError):
-            r = api_error(answer, retry_after_s)
-            if len(results) > 1:
-                raise APIError(r.status, r.code, f"image {i}: {r.message}", r.headers)
-            raise r
-        done.append(answer)
-    return done
+    return all_or_nothing(per_image(results, retry_after_s))
 
 
 def assemble(

@@ -9,7 +9,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Response
 
 from app.http.auth import require_api_key
-from app.http.errors import APIError, per_image
+from app.http.errors import APIError, all_or_nothing, per_image
+from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
 from app.http.params import Call, EmbedParams, call_for, openapi_for
 from app.http.readiness import get_service
@@ -60,12 +61,7 @@ async def embed(
         service.settings.retry_after_s,
     )
     if p.format != "json":
-        done = []
-        for r in results:  # binary answers are all or nothing
-            if isinstance(r, APIError):
-                raise r
-            done.append(r)
-        return _binary(done, p, has_cls)
+        return _binary(all_or_nothing(results), p, has_cls)  # binary answers are all or nothing
     first = results[0]
     bodies = [r.body() if isinstance(r, APIError) else _json(r, p.pool) for r in results]
     if len(call.images) == 1:
@@ -125,13 +121,5 @@ def _binary(results: list[Embedded], p: EmbedParams, has_cls: bool) -> Response:
         arrays["grid"] = np.asarray(results[0].out.grid, dtype=np.int64)
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         media, name = "application/x-npz", "embeddings.npz"
-    r0 = results[0]
-    headers = {
-        "Content-Disposition": f'attachment; filename="{name}"',
-        "X-MAE-Model": r0.model.name,
-        "X-MAE-Dim": str(r0.out.patches.shape[-1]),
-        "X-MAE-Grid": f"{r0.out.grid[0]}x{r0.out.grid[1]}",
-        "X-MAE-Seed": "" if r0.seed is None else str(r0.seed),
-        "X-MAE-Mask-Ratio": f"{r0.mask_ratio:.6g}",
-    }
+    headers = {"Content-Disposition": f'attachment; filename="{name}"', **answer_headers(results[0])}
     return Response(buf.getvalue(), media_type=media, headers=headers)

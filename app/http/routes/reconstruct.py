@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Response
 
 from app.http.auth import require_api_key
 from app.http.errors import APIError, per_image
+from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
 from app.http.params import Call, ReconstructParams, call_for, openapi_for
 from app.http.readiness import get_service
@@ -54,7 +55,7 @@ async def reconstruct(
         if isinstance(r, APIError):
             raise r
         png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
-        return Response(png, media_type="image/png", headers={**sha, **_headers(r, p.view)})
+        return Response(png, media_type="image/png", headers={**sha, **answer_headers(r, p.view)})
 
     async def body(x: Reconstructed | APIError) -> dict[str, Any]:
         return x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
@@ -65,20 +66,6 @@ async def reconstruct(
             raise results[0]
         return JSONAnswer(bodies[0], headers=sha)
     return JSONAnswer(bodies, headers=sha)
-
-
-def _headers(r: Reconstructed, view: str) -> dict[str, str]:
-    psnr = r.out.psnr
-    return {
-        "X-MAE-Model": r.model.name,
-        "X-MAE-Seed": "" if r.seed is None else str(r.seed),
-        "X-MAE-Mask-Ratio": f"{r.mask_ratio:.6g}",
-        "X-MAE-Grid": f"{r.out.grid[0]}x{r.out.grid[1]}",
-        "X-MAE-Mask": ",".join(map(str, r.mask_indices)),
-        "X-MAE-MSE": f"{r.out.mse:.6g}",
-        "X-MAE-PSNR": "" if psnr is None else f"{psnr:.4f}",
-        "X-MAE-View": view,
-    }
 
 
 def _json(r: Reconstructed) -> dict[str, Any]:
