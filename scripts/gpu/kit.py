@@ -729,9 +729,11 @@ class Kit:
         ok = all(r["images_per_s"] > 0 for r in rec["rows"])
         self.check(rec, "every batch size ran", ok and len(rec["rows"]) == 2 * 2 * len(a.batches))
         if a.device == "cuda":
-            rec["oom_split"] = oom_split(path)
-            got = rec["oom_split"]
-            self.check(rec, "an out-of-memory batch is split and answered whole", got.get("answered") == got.get("n"))
+            fp32 = [r for r in rec["rows"] if r["dtype"] == "float32" and r["op"] == "reconstruct"]
+            peak = max(r.get("peak_mib", 0) for r in fp32)
+            rec["oom_split"] = got = oom_split(path, max(a.batches), peak)
+            ok = got["answered"] == got["n"] and got["splits"] > 0
+            self.check(rec, "an out-of-memory batch is split and answered whole", ok, got)
 
     def phase_http(self, rec: dict[str, Any]) -> None:
         a = self.args
@@ -1004,8 +1006,11 @@ def ceiling(path: Path, photos: list[Path], device: str, batches: list[int], min
     return rows
 
 
-def oom_split(path: Path, n: int = 256) -> dict[str, Any]:
-    """A batch too large for a capped allocator: app.serving.model_thread.compute must split it and answer all."""
+def oom_split(path: Path, n: int, peak_mib: float) -> dict[str, Any]:
+    """A batch too large for a capped allocator: app.serving.model_thread.compute must split it and answer all.
+    `peak_mib`: the ceiling's peak for fp32 reconstruct at this batch size, weights included."""
+    import logging
+
     import numpy as np
     import torch
 
@@ -1019,22 +1024,31 @@ def oom_split(path: Path, n: int = 256) -> dict[str, Any]:
     torch.cuda.synchronize()
     model_mib = torch.cuda.memory_allocated() / 2**20
     total = torch.cuda.get_device_properties(0).total_memory / 2**20
-    # Room for the weights and a quarter-size batch, not for all of it (the reconstruct ceiling's peaks say so).
-    cap = model_mib + 3 * 1024
+    cap = model_mib + max(256.0, 0.3 * (peak_mib - model_mib))  # room for about a quarter of the batch
+    splits: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            splits.append(record.getMessage())
+
+    log = logging.getLogger("mae.model_thread")
+    handler = Count(logging.WARNING)
+    log.addHandler(handler)
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(cap / total)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
-        results = model_thread.compute(model_thread.forward, entry, "reconstruct", images, masking)
-        answered = len(results)
+        answered = len(model_thread.compute(model_thread.forward, entry, "reconstruct", images, masking))
         error = None
     except Exception as e:  # noqa: BLE001 - recorded as the check's value
         answered, error = 0, f"{type(e).__name__}: {e}"[:500]
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+        log.removeHandler(handler)
     seconds = round(time.perf_counter() - t0, 2)
-    return {"n": n, "answered": answered, "cap_mib": round(cap), "seconds": seconds, "error": error}
+    out = {"n": n, "answered": answered, "splits": len(splits), "cap_mib": round(cap), "seconds": seconds}
+    return {**out, "error": error}
 
 
 def drain(s: Any, path: str, photos: list[Path], connections: int, margin: float = 0.05) -> dict[str, Any]:
