@@ -2,7 +2,7 @@
 
 - It binds the listening socket once; every worker serves that same socket (inherited, MAE_WORKER_FD), so the
   kernel hands each new connection to one of them.
-- It loads the models, warms up and runs the one Engine and model thread; app.serving.remote.EngineServer answers the
+- It loads the models, warms up and runs the one LocalEngine and model thread; serving.remote.EngineServer answers the
   workers on an ipc:// ZeroMQ socket. Workers start at once (they import while the models load, and answer
   /healthz meanwhile) and report ready once the model process has answered them; a worker that starts while the
   model process already serves takes no connection before it is ready.

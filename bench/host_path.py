@@ -239,9 +239,9 @@ def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: in
             def encode(r: Any, image: Any) -> bytes:
                 if op == "embed":
                     return dumps({"cls": r.cls})
-                from app.serving.pipeline import Reconstructed
+                from app.serving.pipeline import ReconstructAnswer
 
-                return render.encode_png(render.view(Reconstructed(entry, image, r, 3), "paste"))
+                return render.encode_png(render.view(ReconstructAnswer(entry, image, r, 3), "paste"))
 
             t0 = time.perf_counter()
             pending = []

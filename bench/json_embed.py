@@ -20,18 +20,18 @@ import numpy as np
 
 from app.http.jsonio import dumps
 from app.http.routes.embed import _json
-from app.serving.pipeline import Embedded
+from app.serving.pipeline import EmbedAnswer
 from bench.common import machine, median_seconds, table, write_json
 from model.outputs import Embedding
 
 
-def answer(dim: int, grid: int) -> Embedded:
+def answer(dim: int, grid: int) -> EmbedAnswer:
     rng = np.random.default_rng(0)  # encoder outputs after the final LayerNorm: about unit scale, like these
     n = grid * grid
     tokens = rng.standard_normal((n + 1, dim), dtype=np.float32)
     e = Embedding(tokens[0], tokens[1:].mean(0), tokens[1:], np.arange(n, dtype=np.int64), (grid, grid))
     model = SimpleNamespace(name="vit-b", config=SimpleNamespace(num_patches=n))
-    return Embedded(model, e, None)  # type: ignore[arg-type]
+    return EmbedAnswer(model, e, None)  # type: ignore[arg-type]
 
 
 def stdlib(body: dict[str, Any]) -> bytes:
@@ -39,7 +39,7 @@ def stdlib(body: dict[str, Any]) -> bytes:
     return json.dumps(plain).encode()
 
 
-def serialise(encode: Any, r: Embedded, pool: str) -> bytes:
+def serialise(encode: Any, r: EmbedAnswer, pool: str) -> bytes:
     """Build the body and serialise it, as the route does per image."""
     return encode(_json(r, pool))  # type: ignore[arg-type]
 

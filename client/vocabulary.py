@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 ResizeMode = Literal["squash", "crop", "pad"]
-Pool = Literal["all", "cls", "mean", "patches"]
+Pooling = Literal["all", "cls", "mean", "patches"]
 EmbedDtype = Literal["float32", "float16"]
 
 RESIZES: tuple[str, ...] = get_args(ResizeMode)

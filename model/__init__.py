@@ -4,18 +4,18 @@ from model.config import CONFIGS, MAEConfig, get_config
 from model.family import DecoderMissingError, MaskedAutoencoder
 from model.mae import MAE
 from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
-from model.outputs import Embedding, EncodeOutput, Reconstruction, ReconstructOutput
+from model.outputs import Embedding, EncodeBatch, ReconstructBatch, Reconstruction
 
 __all__ = [
     "CONFIGS",
     "MAE",
     "DecoderMissingError",
     "Embedding",
-    "EncodeOutput",
+    "EncodeBatch",
     "MAEConfig",
     "MaskedAutoencoder",
     "Masking",
-    "ReconstructOutput",
+    "ReconstructBatch",
     "Reconstruction",
     "explicit_masking",
     "get_config",

@@ -8,12 +8,12 @@ For each seed, one random mask is drawn with `model.masking.random_masking_spec(
 every image: the same seed and ratio sent to the server reproduce any row here. Three methods fill the same masked
 patches:
 
-* ``mae``: the model's own reconstruction (`ReconstructOutput.reconstruction`, clipped to [0, 1]), not the paste.
+* ``mae``: the model's own reconstruction (`ReconstructBatch.reconstruction`, clipped to [0, 1]), not the paste.
 * ``mean_fill``: every masked pixel is the mean colour (per channel) of the visible pixels of that image.
 * ``bilinear``: linear interpolation along rows and columns from the visible pixels (see `bilinear_fill`).
 
 Metric: MSE in [0, 1] pixel space over the masked patches only (all channels, every masked pixel weighted equally,
-the definition of `ReconstructOutput.mse`), and PSNR = 10 log10(1 / MSE). An MSE below 1e-10 counts as 1e-10, so a
+the definition of `ReconstructBatch.mse`), and PSNR = 10 log10(1 / MSE). An MSE below 1e-10 counts as 1e-10, so a
 perfect fill scores PSNR_CAP_DB = 100 dB instead of infinity (JSON has no inf).
 
 Aggregation. Per image, the MSE is the mean over seeds (every seed masks the same number of patches) and its PSNR is
@@ -64,7 +64,7 @@ def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> to
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N,) mean squared error over the masked patches (the definition of `ReconstructOutput.mse`)."""
+    """(N,) mean squared error over the masked patches (the definition of `ReconstructBatch.mse`)."""
     per_patch = rearrange(
         (pred.float() - target.float()) ** 2, "n c (h p) (w q) -> n (h w) (p q c)", p=patch_size, q=patch_size
     )

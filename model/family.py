@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from model.masking import Masking
-from model.outputs import EncodeOutput, ReconstructOutput
+from model.outputs import EncodeBatch, ReconstructBatch
 
 
 class DecoderMissingError(RuntimeError):
@@ -62,8 +62,8 @@ class MaskedAutoencoder(Protocol):
 
     @property
     def config(self) -> ModelConfig: ...
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeOutput: ...
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput: ...
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch: ...
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch: ...
     def normalize(self, images: torch.Tensor) -> torch.Tensor: ...
     def num_parameters(self) -> int: ...
     def modules(self) -> Iterator[nn.Module]: ...
@@ -139,7 +139,7 @@ class PatchModel(nn.Module, Generic[C]):
 
     def viewer_output(
         self, images: torch.Tensor, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
-    ) -> ReconstructOutput:
+    ) -> ReconstructBatch:
         """From predicted `patches` in the model's input space to pixels in [0, 1] and the error on masked patches,
         all in patch layout (no image-sized copies). `images` are the originals in [0, 1]; `pred` is kept as it is."""
         c = images.shape[1]
@@ -149,9 +149,7 @@ class PatchModel(nn.Module, Generic[C]):
         pixels = (patches * std).add_(mean).float().clamp_(0, 1)  # in place: one batch-sized tensor, not three
         err = (pixels - self.patchify(images.float())).square_().mean(dim=-1) * mask.float()
         mse = err.sum(dim=1) / mask.float().sum(dim=1).clamp(min=1)
-        return ReconstructOutput(
-            pred=pred, mask=mask, pixels=pixels, images=images, patch_error=err, mse=mse, grid=grid
-        )
+        return ReconstructBatch(pred=pred, mask=mask, pixels=pixels, images=images, patch_error=err, mse=mse, grid=grid)
 
     def transformer_stacks(self) -> list[nn.Module]:
         """The modules that hold nearly all the compute (what `torch.compile` is worth applying to)."""

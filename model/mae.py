@@ -15,7 +15,7 @@ from torch import nn
 from model.config import MAEConfig
 from model.family import PatchModel
 from model.masking import Masking, no_masking
-from model.outputs import EncodeOutput, ReconstructOutput
+from model.outputs import EncodeBatch, ReconstructBatch
 from model.pos_embed import interpolate_pos_embed, sincos_2d
 
 
@@ -201,7 +201,7 @@ class MAE(PatchModel[MAEConfig]):
         return self(imgs, masking)[0]
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeOutput:
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
         """Images in [0, 1] -> CLS and patch embeddings after the final norm. Never runs the decoder.
 
         Without a masking every patch is encoded. Patch tokens come back in raster order.
@@ -214,12 +214,10 @@ class MAE(PatchModel[MAEConfig]):
         ids_keep = torch.argsort(masking.noise.to(latent.device), dim=1)[:, : masking.len_keep]
         order = torch.argsort(ids_keep, dim=1)  # the encoder's token order -> raster order
         patches = torch.gather(latent[:, 1:], 1, order[..., None].expand(-1, -1, latent.shape[-1]))
-        return EncodeOutput(
-            cls=latent[:, 0], patches=patches, patch_indices=torch.gather(ids_keep, 1, order), grid=grid
-        )
+        return EncodeBatch(cls=latent[:, 0], patches=patches, patch_indices=torch.gather(ids_keep, 1, order), grid=grid)
 
     @torch.inference_mode()
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
         """Images in [0, 1] -> predictions for every patch and the images a viewer wants."""
         self.require_decoder()
         imgs = self.normalize(images)
@@ -228,7 +226,7 @@ class MAE(PatchModel[MAEConfig]):
         pred = self.forward_decoder(latent, ids_restore, grid)
         patches = pred
         if self.config.norm_pix_loss:
-            # Undo the per-patch standardisation with each patch's own statistics (see ReconstructOutput).
+            # Undo the per-patch standardisation with each patch's own statistics (see ReconstructBatch).
             target = self.patchify(imgs)
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             patches = pred * (var + 1.0e-6) ** 0.5 + mean

@@ -1,4 +1,4 @@
-"""What the serving entry points return: a batch (`EncodeOutput`, `ReconstructOutput`) where the model ran, and per
+"""What the serving entry points return: a batch (`EncodeBatch`, `ReconstructBatch`) where the model ran, and per
 image, by `unbatch()` (`Embedding`, `Reconstruction`), on the CPU.
 
 `unbatch()` makes one device-to-host copy per tensor for the whole batch, of exactly what an answer needs: float32
@@ -45,7 +45,7 @@ class Embedding:
 
 
 @dataclass(frozen=True)
-class EncodeOutput:
+class EncodeBatch:
     """A batch of encoder outputs, where the model ran."""
 
     cls: torch.Tensor | None  # (N, D)
@@ -86,7 +86,7 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
-class ReconstructOutput:
+class ReconstructBatch:
     """Everything one reconstruction of a batch yields, where the model ran.
 
     `pred` is the decoder's raw output (N, L, p*p*C) in the model's target space: normalised pixels, or, for a

@@ -30,7 +30,7 @@ from torch import nn
 
 from model.family import PatchGrid, PatchModel
 from model.masking import Masking, no_masking
-from model.outputs import EncodeOutput, ReconstructOutput
+from model.outputs import EncodeBatch, ReconstructBatch
 
 FAMILY = "vit-pytorch"
 LAYER_NORM_EPS = 1e-5  # torch's default, which vit-pytorch uses everywhere
@@ -232,7 +232,7 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
 
     # ------------------------------------------------------------------ serving entry points
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeOutput:
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
         """Images in [0, 1] -> tokens after the encoder's final norm, as `ViT.forward` computes them.
 
         CLS (pool='cls') is prepended as in ViT.forward; for pool='mean' `cls` is None. With a masking only the
@@ -250,12 +250,12 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
         if n_cls:
             x = torch.cat([(self.encoder.cls_token + self.encoder.pos_embedding[:, :n_cls]).expand(n, -1, -1), x], 1)
         x = self.encoder.transformer(x)
-        return EncodeOutput(
+        return EncodeBatch(
             cls=x[:, 0] if n_cls else None, patches=x[:, n_cls:], patch_indices=keep, grid=self.config.grid_size
         )
 
     @torch.inference_mode()
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
         """Images in [0, 1] -> every patch's prediction and the images a viewer wants (as MAE.reconstruct)."""
         self.require_decoder()
         imgs = self.normalize(images)

@@ -46,11 +46,15 @@ def image_bytes(w: int = 48, h: int = 40, fmt: str = "PNG", seed: int = 0, mode:
 
 
 def assert_error(r: httpx.Response, status: int | set[int], code: str | set[str] | None = None) -> dict:
-    """`r` is an error answer with this status (and code), in the one shape; returns its `error` object."""
+    """`r` is an error answer with this status (and code), in the one shape (OpenAI's on /v1/embeddings, whose clients
+    expect it); returns its `error` object."""
     statuses = {status} if isinstance(status, int) else status
     assert r.status_code in statuses, (r.status_code, r.text[:300])
     err = r.json()["error"]
-    assert set(err) == {"status", "code", "message"} and err["status"] == r.status_code and err["message"], err
+    if r.request.url.path == "/v1/embeddings":
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    else:
+        assert set(err) == {"status", "code", "message"} and err["status"] == r.status_code and err["message"], err
     if code is not None:
         assert err["code"] in ({code} if isinstance(code, str) else code), err
     return err

@@ -15,7 +15,7 @@ from torch import nn
 
 from app.serving import imaging, model_thread, render
 from app.serving.cpu_kernels import OneDNNLinear, onednn_linear_works, prepare_cpu_kernels
-from app.serving.engine import Engine
+from app.serving.engine import LocalEngine
 from app.serving.registry import ModelEntry, ModelLoadError
 from model import MAE, get_config
 from model.masking import Masking, random_noise
@@ -45,8 +45,8 @@ def test_the_model_input_is_the_reference_preprocessing():
 
 def test_uint8_views_equal_the_float_views_quantised():
     """render draws paste / masked / reconstruction from uint8 pixels and the uint8 input: exactly the float views of
-    the model's output (ReconstructOutput), quantised."""
-    from app.serving.pipeline import Reconstructed
+    the model's output (ReconstructBatch), quantised."""
+    from app.serving.pipeline import ReconstructAnswer
     from model.outputs import to_uint8
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def test_uint8_views_equal_the_float_views_quantised():
     masking = Masking(random_noise(2, 16, seed=4), 5)
     out = model.reconstruct(x, masking)
     for i, r in enumerate(out.unbatch()):
-        rec = Reconstructed(entry, u8[i], r, seed=4)
+        rec = ReconstructAnswer(entry, u8[i], r, seed=4)
         for name, want in (("original", x), ("reconstruction", out.reconstruction), ("paste", out.paste),
                            ("masked", out.masked)):  # fmt: skip
             ref = to_uint8(want[i]).permute(1, 2, 0).numpy()
@@ -93,11 +93,11 @@ def test_onednn_linears_match_stock_pytorch():
         assert layer.weight.grad is not None
 
 
-def _engine(cap: int, max_wait_ms: float, forward: model_thread.Forward) -> tuple[Engine, ModelEntry]:
+def _engine(cap: int, max_wait_ms: float, forward: model_thread.Forward) -> tuple[LocalEngine, ModelEntry]:
     torch.manual_seed(0)
     model = MAE(get_config("mae_test")).eval()
     entry = ModelEntry("t", model, "-", "random", "none", torch.device("cpu"), torch.float32)
-    engine = Engine(forward, max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap)
+    engine = LocalEngine(forward, max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap)
     return engine, entry
 
 
@@ -212,7 +212,7 @@ def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(monkeypa
         pool = _LoopSteps(asyncio.get_running_loop(), {b"0": 0, b"1": 0, b"2": 1, b"3": 1 + steps})
         service = SimpleNamespace(settings=Settings(), engine=engine, io_pool=pool)
         mask = pipeline.MaskSpec(ratio=0.0, seed=0)
-        await pipeline.each(
+        await pipeline.each_image(
             [b"0", b"1", b"2", b"3"],
             lambda b: pipeline.embed(service, entry, b, mask, "squash", None),  # type: ignore[arg-type]
         )

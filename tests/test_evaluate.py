@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import MAE, ReconstructOutput
+from model import MAE, ReconstructBatch
 from model.config import get_config
 from model.evaluate import (
     METHODS,
@@ -156,11 +156,11 @@ class PerfectModel:
     def eval(self) -> PerfectModel:
         return self
 
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
         mask = masking.mask()
         pixels = einops.rearrange(images, "n c (h p) (w q) -> n (h w) (p q c)", p=P, q=P)  # every patch exact
         zeros = torch.zeros(images.shape[0])
-        return ReconstructOutput(
+        return ReconstructBatch(
             pred=torch.zeros(0), mask=mask, pixels=pixels, images=images,
             patch_error=torch.zeros_like(mask), mse=zeros, grid=(4, 4),
         )  # fmt: skip

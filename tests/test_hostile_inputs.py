@@ -495,6 +495,8 @@ def call(c, method: str, path: str, auth: str | bytes | None):
     headers = {"Authorization": auth} if auth is not None else {}
     if method == "GET":
         return c.get(path, headers=headers)
+    if path == "/v1/embeddings":  # OpenAI's request shape: JSON, the image as base64
+        return c.post(path, json={"model": "tiny", "input": base64.b64encode(PNG).decode()}, headers=headers)
     return c.request(method, path, content=PNG, headers={"Content-Type": "image/png", **headers})
 
 

@@ -3,10 +3,10 @@ carry the same facts in their bodies). Every front-end that sets them calls `ans
 
 from __future__ import annotations
 
-from app.serving.pipeline import Embedded, Reconstructed
+from app.serving.pipeline import EmbedAnswer, ReconstructAnswer
 
 
-def answer_headers(r: Reconstructed | Embedded, view: str | None = None) -> dict[str, str]:
+def answer_headers(r: ReconstructAnswer | EmbedAnswer, view: str | None = None) -> dict[str, str]:
     """Model, seed ("" for an explicit mask), mask ratio and grid; a reconstruction adds its mask, MSE, PSNR and
     `view`, an embedding its width."""
     grid = r.out.grid
@@ -16,7 +16,7 @@ def answer_headers(r: Reconstructed | Embedded, view: str | None = None) -> dict
         "X-MAE-Mask-Ratio": f"{r.mask_ratio:.6g}",
         "X-MAE-Grid": f"{grid[0]}x{grid[1]}",
     }
-    if isinstance(r, Reconstructed):
+    if isinstance(r, ReconstructAnswer):
         psnr = r.out.psnr
         headers |= {
             "X-MAE-Mask": ",".join(map(str, r.mask_indices)),

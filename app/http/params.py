@@ -26,7 +26,7 @@ from app.serving.pipeline import MaskSpec
 from app.serving.registry import ModelEntry
 from app.serving.render import View
 from app.serving.service import Service
-from client.vocabulary import EmbedDtype, Pool, ResizeMode
+from client.vocabulary import EmbedDtype, Pooling, ResizeMode
 from model.masking import EMBED_MASK_RATIO, RECONSTRUCT_MASK_RATIO
 
 MAX_SEED = 2**63 - 1
@@ -104,7 +104,7 @@ class EmbedParams(MaskParams):
     mask_ratio: float = Field(
         EMBED_MASK_RATIO, ge=0, lt=1, allow_inf_nan=False, description="fraction of patches hidden; 0 = all"
     )
-    pool: Pool = Field("all", description="which embeddings")
+    pool: Pooling = Field("all", description="which embeddings")
     format: Literal["json", "npy", "npz"] = Field("json", description="json, or numpy.load-able npy / npz")
     dtype: EmbedDtype = Field("float32", description="of the binary formats")
 
@@ -113,7 +113,7 @@ P = TypeVar("P", bound=MaskParams)
 
 
 @dataclass(frozen=True)
-class Call(Generic[P]):
+class ParsedRequest(Generic[P]):
     """One validated /v1 call: its parameters, its images (bytes, not yet decoded) and what they resolve to."""
 
     params: P
@@ -127,15 +127,15 @@ class Call(Generic[P]):
         return self.params.mask_spec(self.seed)
 
 
-def call_for(cls: type[P]) -> Callable[..., Awaitable[Call[P]]]:
-    """The FastAPI dependency that turns a request into a `Call[cls]`."""
+def call_for(cls: type[P]) -> Callable[..., Awaitable[ParsedRequest[P]]]:
+    """The FastAPI dependency that turns a request into a `ParsedRequest[cls]`."""
 
-    async def dependency(request: Request, service: Annotated[Service, Depends(get_service)]) -> Call[P]:
+    async def dependency(request: Request, service: Annotated[Service, Depends(get_service)]) -> ParsedRequest[P]:
         images, fields = await read_inputs(request, service.settings, service.io_pool)
         s = service.settings
         params = parse(cls, _query(request), fields, service.registry.max_patches, s.max_param_bytes)
         seed = params.seed if params.seed is not None else draw_seed()
-        return Call(params, images, service.model(params.model), seed, deadline_of(request))
+        return ParsedRequest(params, images, service.model(params.model), seed, deadline_of(request))
 
     return dependency
 

@@ -40,7 +40,7 @@ from app.openai import fetch
 from app.openai.schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorBody
 from app.serving import pipeline
 from app.serving.errors import ServingError, UnknownModel
-from app.serving.pipeline import Embedded, MaskSpec
+from app.serving.pipeline import EmbedAnswer, MaskSpec
 from app.serving.service import Service
 from app.settings import Settings
 from app.v2.schemas import inline
@@ -126,7 +126,7 @@ async def embeddings(request: Request, service: Annotated[Service, Depends(get_s
     def one(data: bytes) -> Any:
         return pipeline.embed(service, entry, data, mask, req.resize, deadline)
 
-    results = _all_or_first_error(per_image(await pipeline.each(images, one), s.retry_after_s))
+    results = _all_or_first_error(per_image(await pipeline.each_image(images, one), s.retry_after_s))
     return _answer(results, pooling, req.encoding_format, entry.name)
 
 
@@ -142,7 +142,7 @@ def _all_or_first_error(results: list[Any]) -> list[Any]:
         raise OpenAIError.of(e, "input") from None
 
 
-def _answer(results: list[Embedded], pooling: str, encoding: str, model: str) -> Response:
+def _answer(results: list[EmbedAnswer], pooling: str, encoding: str, model: str) -> Response:
     data, tokens = [], 0
     for i, r in enumerate(results):
         v = r.out.cls if pooling == "cls" else r.out.mean

@@ -28,13 +28,13 @@ from model.masking import Masking
 log = logging.getLogger("mae.engine")
 
 
-class Batcher(Protocol):
+class Engine(Protocol):
     """What the pipeline needs of an engine: this one, or app.serving.remote.RemoteEngine in an HTTP worker."""
 
     def submit(
         self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
     ) -> asyncio.Future[Result]: ...
-    def coming(self) -> contextlib.AbstractContextManager[None]: ...
+    def expecting(self) -> contextlib.AbstractContextManager[None]: ...
     def cap(self, entry: ModelEntry) -> int: ...
     async def close(self, timeout: float) -> None: ...
 
@@ -66,7 +66,7 @@ class WorkItem:
         return (self.entry.name, self.op, keep, tuple(self.image.shape))
 
 
-class Engine:
+class LocalEngine:
     def __init__(
         self,
         forward: Forward = model_thread.forward,
@@ -122,7 +122,7 @@ class Engine:
         return item.future
 
     @contextlib.contextmanager
-    def coming(self) -> Iterator[None]:
+    def expecting(self) -> Iterator[None]:
         """Wrap the work before `submit` and the `submit` itself (decoding, then queueing): while any image is in
         there, a partial batch waits for it."""
         self._coming += 1

@@ -1,7 +1,7 @@
 """One image's path through the service, whatever the protocol: decode -> mask -> engine -> a typed result.
 
-`reconstruct` returns a `Reconstructed`, `embed` an `Embedded`; the front-ends (app/routes for /v1, app/v2 for the
-Open Inference Protocol) turn those into their own answers. Decoding runs in the I/O pool, the model in the engine.
+`reconstruct` returns a `ReconstructAnswer`, `embed` an `EmbedAnswer`; the front-ends (app/http for /v1, app/v2,
+app/openai, app/raydata) turn those into their own answers. Decoding runs in the I/O pool, the model in the engine.
 An image that cannot be served raises a `ServingError` (app.serving.errors), so a request with several images can
 answer each; the front-ends give it its status.
 """
@@ -55,7 +55,7 @@ class MaskSpec:
 
 
 @dataclass(frozen=True)
-class Reconstructed:
+class ReconstructAnswer:
     model: ModelEntry
     image: np.ndarray  # (H, W, 3) uint8: the model's input, the "original" view
     out: Reconstruction
@@ -76,7 +76,7 @@ class Reconstructed:
 
 
 @dataclass(frozen=True)
-class Embedded:
+class EmbedAnswer:
     model: ModelEntry
     out: Embedding
     seed: int | None  # None when no random mask was drawn
@@ -88,16 +88,16 @@ class Embedded:
 
 async def reconstruct(
     service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
-) -> Reconstructed:
+) -> ReconstructAnswer:
     _require_decoder(entry)
     image, (out,) = await _run(service, entry, ("reconstruct",), data, mask, resize, deadline)
     assert isinstance(out, Reconstruction)
-    return Reconstructed(entry, image, out, mask.drawn_seed)
+    return ReconstructAnswer(entry, image, out, mask.drawn_seed)
 
 
 async def embed(
     service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
-) -> Embedded:
+) -> EmbedAnswer:
     _, (out,) = await _run(service, entry, ("embed",), data, mask, resize, deadline)
     assert isinstance(out, Embedding)
     return _embedded(entry, out, mask)
@@ -105,12 +105,12 @@ async def embed(
 
 async def reconstruct_and_embed(
     service: Service, entry: ModelEntry, data: bytes, mask: MaskSpec, resize: ResizeMode, deadline: float | None
-) -> tuple[Reconstructed, Embedded]:
+) -> tuple[ReconstructAnswer, EmbedAnswer]:
     """Both passes on one decode of the image, on the same mask (the v2 front-end, asked for both kinds of output)."""
     _require_decoder(entry)
     image, (rec, emb) = await _run(service, entry, ("reconstruct", "embed"), data, mask, resize, deadline)
     assert isinstance(rec, Reconstruction) and isinstance(emb, Embedding)
-    return Reconstructed(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
+    return ReconstructAnswer(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
 
 
 def _require_decoder(entry: ModelEntry) -> None:
@@ -124,9 +124,9 @@ def require_cls(entry: ModelEntry) -> None:
         raise NotCapable(f"model {entry.name!r} has no CLS token; use pool=mean", "no_cls_token")
 
 
-def _embedded(entry: ModelEntry, out: Embedding, mask: MaskSpec) -> Embedded:
+def _embedded(entry: ModelEntry, out: Embedding, mask: MaskSpec) -> EmbedAnswer:
     drew = mask.indices is None and mask.ratio != 0
-    return Embedded(entry, out, mask.seed if drew else None)
+    return EmbedAnswer(entry, out, mask.seed if drew else None)
 
 
 async def _run(
@@ -143,7 +143,7 @@ async def _run(
     answers: list[asyncio.Future[Result]] = []
     try:
         # Until this image is queued, a partial batch may wait for it (engine.py): `submit` queues before it returns.
-        with service.engine.coming():
+        with service.engine.expecting():
             image, maskings = await asyncio.get_running_loop().run_in_executor(
                 service.io_pool, _prepare, data, c, mask, ops, resize, s
             )
@@ -175,7 +175,7 @@ def prepare_image(data: bytes, size: int, resize: ResizeMode, s: Settings) -> np
     return imaging.preprocess(im, size, resize)
 
 
-async def each(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:
+async def each_image(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:
     """Run `one` on every image concurrently (so they can share a batch); refusals stay per image."""
     results = await asyncio.gather(*(one(b) for b in images), return_exceptions=True)
     for r in results:

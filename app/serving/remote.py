@@ -1,9 +1,9 @@
 """The engine across processes (MAE_WORKERS > 1): one model process, N HTTP worker processes, over ZeroMQ.
 
 Every worker decodes and encodes in its own interpreter (its own GIL); all of them send their images to the one
-model process, whose Engine batches them together (batching stays global) and runs the model. A ZeroMQ ROUTER
+model process, whose LocalEngine batches them together (batching stays global) and runs the model. A ZeroMQ ROUTER
 socket (ipc://) in the model process (`EngineServer`) talks to a DEALER socket in each worker (`RemoteEngine`, the
-worker's stand-in for app.serving.engine.Engine: the same `submit`).
+worker's stand-in for app.serving.engine.LocalEngine: the same `submit`).
 
 Messages are ZeroMQ multipart: a kind, a JSON header, raw array frames (never pickles).
 
@@ -33,13 +33,13 @@ import torch
 import zmq
 import zmq.asyncio
 
-from app.serving.engine import Batcher
+from app.serving.engine import Engine
 from app.serving.errors import ComputeFailed, DeadlineExceeded, Overloaded
 from app.serving.model_thread import Op, Result
 from app.serving.registry import DTYPES, ModelEntry, Registry
 from model.family import PatchGrid
 from model.masking import Masking
-from model.outputs import Embedding, EncodeOutput, Reconstruction, ReconstructOutput
+from model.outputs import Embedding, EncodeBatch, ReconstructBatch, Reconstruction
 
 log = logging.getLogger("mae.remote")
 
@@ -85,7 +85,7 @@ def unpack(head: dict[str, Any], frames: list[zmq.Frame]) -> Result:
 class EngineServer:
     """The model process's side: answers the workers' hello with the catalog, and their work with the engine."""
 
-    def __init__(self, address: str, registry: Registry, engine: Batcher) -> None:
+    def __init__(self, address: str, registry: Registry, engine: Engine) -> None:
         self.address, self.registry, self.engine = address, registry, engine
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -207,10 +207,10 @@ class RemoteModel:
     def num_parameters(self) -> int:
         return self._parameters
 
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeOutput:
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
         raise RuntimeError("the model runs in the model process: submit to the engine")
 
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructOutput:
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
         raise RuntimeError("the model runs in the model process: submit to the engine")
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,7 +224,7 @@ class RemoteModel:
 
 
 class RemoteEngine:
-    """The worker's engine: the same `submit` as app.serving.engine.Engine, answered by the model process."""
+    """The worker's engine: the same `submit` as app.serving.engine.LocalEngine, answered by the model process."""
 
     def __init__(self, address: str) -> None:
         self.ctx = zmq.asyncio.Context()
@@ -305,7 +305,7 @@ class RemoteEngine:
             raise
 
     @contextlib.contextmanager
-    def coming(self) -> Iterator[None]:
+    def expecting(self) -> Iterator[None]:
         """Nothing to say: the model process cannot wait for another process's decodes (module docstring)."""
         yield
 

@@ -13,14 +13,14 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from app.serving.pipeline import Reconstructed
+from app.serving.pipeline import ReconstructAnswer
 
 View = Literal["paste", "reconstruction", "masked", "original", "grid", "error"]
 VIEWS: tuple[View, ...] = get_args(View)
 PANELS: tuple[View, ...] = ("original", "masked", "reconstruction", "paste")
 
 
-def view(r: Reconstructed, name: View) -> np.ndarray:
+def view(r: ReconstructAnswer, name: View) -> np.ndarray:
     """One view; only what it needs is drawn (a PNG answer has one view). uint8 throughout: the model's pixels came
     quantised (model.outputs.to_uint8) and the input is the preprocessed uint8 image, so every view is exact."""
     if name == "original":
@@ -44,7 +44,7 @@ def view(r: Reconstructed, name: View) -> np.ndarray:
     return unpatchify(patches, p, gh, gw)
 
 
-def all_views(r: Reconstructed) -> dict[View, np.ndarray]:
+def all_views(r: ReconstructAnswer) -> dict[View, np.ndarray]:
     views: dict[View, np.ndarray] = {k: view(r, k) for k in PANELS}
     views["error"] = view(r, "error")
     views["grid"] = grid_view([views[k] for k in PANELS])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from app.serving import jpeg_gpu, model_thread
-from app.serving.engine import Batcher, Engine
+from app.serving.engine import Engine, LocalEngine
 from app.serving.errors import UnknownModel
 from app.serving.model_thread import Forward
 from app.serving.registry import ModelEntry, ModelLoadError, Registry
@@ -27,7 +27,7 @@ log = logging.getLogger("mae.service")
 class Service:
     settings: Settings
     registry: Registry
-    engine: Batcher  # engine.Engine, or in an HTTP worker remote.RemoteEngine
+    engine: Engine  # engine.LocalEngine, or in an HTTP worker remote.RemoteEngine
     io_pool: ThreadPoolExecutor  # decoding and encoding: Pillow and zlib release the GIL
 
     def model(self, name: str | None) -> ModelEntry:
@@ -46,7 +46,7 @@ async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecuto
     loop = asyncio.get_running_loop()
     registry = await loop.run_in_executor(model_thread.executor(), Registry.from_settings, settings)
     check_pins(registry, settings.weight_pins())
-    engine = Engine(
+    engine = LocalEngine(
         forward,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,

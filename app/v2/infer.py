@@ -13,7 +13,7 @@ from app.http.errors import all_or_nothing, per_image
 from app.http.params import draw_seed
 from app.serving import pipeline, render
 from app.serving.errors import ServingError
-from app.serving.pipeline import Embedded, MaskSpec, Reconstructed
+from app.serving.pipeline import EmbedAnswer, MaskSpec, ReconstructAnswer
 from app.serving.registry import ModelEntry
 from app.serving.service import Service
 from app.v2 import contract
@@ -35,19 +35,19 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
         deadline = until if deadline is None else min(deadline, until)
 
     retry = service.settings.retry_after_s
-    recons: list[Reconstructed] = []
-    embeds: list[Embedded] = []
+    recons: list[ReconstructAnswer] = []
+    embeds: list[EmbedAnswer] = []
     if plan.pixels and plan.embed:  # both passes: one decode per image, its two submissions side by side
-        pairs = _all_or_error(await pipeline.each(
+        pairs = _all_or_error(await pipeline.each_image(
             req.images, lambda b: pipeline.reconstruct_and_embed(service, entry, b, mask, p.resize, deadline)
         ), retry)  # fmt: skip
         recons, embeds = [r for r, _ in pairs], [e for _, e in pairs]
     elif plan.pixels:
-        recons = _all_or_error(await pipeline.each(
+        recons = _all_or_error(await pipeline.each_image(
             req.images, lambda b: pipeline.reconstruct(service, entry, b, mask, p.resize, deadline)
         ), retry)  # fmt: skip
     else:
-        embeds = _all_or_error(await pipeline.each(
+        embeds = _all_or_error(await pipeline.each_image(
             req.images, lambda b: pipeline.embed(service, entry, b, mask, p.resize, deadline)
         ), retry)  # fmt: skip
     outputs = await asyncio.get_running_loop().run_in_executor(
@@ -66,7 +66,7 @@ def _all_or_error(results: list[T | ServingError], retry_after_s: int) -> list[T
 
 
 def assemble(
-    plan: Plan, embeds: list[Embedded], recons: list[Reconstructed], fp16: bool, num_patches: int
+    plan: Plan, embeds: list[EmbedAnswer], recons: list[ReconstructAnswer], fp16: bool, num_patches: int
 ) -> list[Output]:
     """The requested outputs, stacked over the images (the I/O pool: numpy only)."""
     floats = np.float16 if fp16 else np.float32

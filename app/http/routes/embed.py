@@ -12,17 +12,17 @@ from app.http.auth import require_api_key
 from app.http.errors import APIError, all_or_nothing, per_image
 from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
-from app.http.params import Call, EmbedParams, call_for, openapi_for
+from app.http.params import EmbedParams, ParsedRequest, call_for, openapi_for
 from app.http.readiness import get_service
 from app.http.schemas import EmbedResult, ErrorBody, ImageFailure
 from app.serving import pipeline
-from app.serving.pipeline import Embedded
+from app.serving.pipeline import EmbedAnswer
 from app.serving.service import Service
-from client.vocabulary import Pool
+from client.vocabulary import Pooling
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_api_key)])
 
-_POOLS: dict[Pool, tuple[str, ...]] = {
+_POOLS: dict[Pooling, tuple[str, ...]] = {
     "all": ("cls", "mean", "patches"),
     "cls": ("cls",),
     "mean": ("mean",),
@@ -47,7 +47,7 @@ _POOLS: dict[Pool, tuple[str, ...]] = {
     openapi_extra=openapi_for(EmbedParams),
 )
 async def embed(
-    call: Annotated[Call[EmbedParams], Depends(call_for(EmbedParams))],
+    call: Annotated[ParsedRequest[EmbedParams], Depends(call_for(EmbedParams))],
     service: Annotated[Service, Depends(get_service)],
 ) -> Response:
     p = call.params
@@ -55,7 +55,7 @@ async def embed(
     if p.pool == "cls":
         pipeline.require_cls(call.model)  # before any image is decoded or run
     results = per_image(
-        await pipeline.each(
+        await pipeline.each_image(
             call.images, lambda b: pipeline.embed(service, call.model, b, call.mask, p.resize, call.deadline)
         ),
         service.settings.retry_after_s,
@@ -71,7 +71,7 @@ async def embed(
     return JSONAnswer(bodies)
 
 
-def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
+def _json(r: EmbedAnswer, pool: Pooling) -> dict[str, Any]:
     """The JSON answer (EmbedResult), with the embeddings `pool` asks for."""
     keep, e = _POOLS[pool], r.out
     body: dict[str, Any] = {
@@ -91,7 +91,7 @@ def _json(r: Embedded, pool: Pool) -> dict[str, Any]:
     return body
 
 
-def _binary(results: list[Embedded], p: EmbedParams, has_cls: bool) -> Response:
+def _binary(results: list[EmbedAnswer], p: EmbedParams, has_cls: bool) -> Response:
     """npy: one array (pool cls|mean|patches), npz: named arrays. Several images stack on a leading axis."""
     dt = np.float16 if p.dtype == "float16" else np.float32
     single = len(results) == 1

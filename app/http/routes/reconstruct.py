@@ -12,11 +12,11 @@ from app.http.auth import require_api_key
 from app.http.errors import APIError, per_image
 from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
-from app.http.params import Call, ReconstructParams, call_for, openapi_for
+from app.http.params import ParsedRequest, ReconstructParams, call_for, openapi_for
 from app.http.readiness import get_service
 from app.http.schemas import ErrorBody, ImageFailure, ReconstructResult
 from app.serving import pipeline, render
-from app.serving.pipeline import Reconstructed
+from app.serving.pipeline import ReconstructAnswer
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["reconstruct"], dependencies=[Depends(require_api_key)])
@@ -36,14 +36,14 @@ router = APIRouter(prefix="/v1", tags=["reconstruct"], dependencies=[Depends(req
     openapi_extra=openapi_for(ReconstructParams),
 )
 async def reconstruct(
-    call: Annotated[Call[ReconstructParams], Depends(call_for(ReconstructParams))],
+    call: Annotated[ParsedRequest[ReconstructParams], Depends(call_for(ReconstructParams))],
     service: Annotated[Service, Depends(get_service)],
 ) -> Response:
     p = call.params
     if p.format == "png" and len(call.images) > 1:
         raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")
     results = per_image(
-        await pipeline.each(
+        await pipeline.each_image(
             call.images, lambda b: pipeline.reconstruct(service, call.model, b, call.mask, p.resize, call.deadline)
         ),
         service.settings.retry_after_s,
@@ -57,7 +57,7 @@ async def reconstruct(
         png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
         return Response(png, media_type="image/png", headers={**sha, **answer_headers(r, p.view)})
 
-    async def body(x: Reconstructed | APIError) -> dict[str, Any]:
+    async def body(x: ReconstructAnswer | APIError) -> dict[str, Any]:
         return x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
 
     bodies = await asyncio.gather(*map(body, results))  # several images: their PNGs encode side by side
@@ -68,7 +68,7 @@ async def reconstruct(
     return JSONAnswer(bodies, headers=sha)
 
 
-def _json(r: Reconstructed) -> dict[str, Any]:
+def _json(r: ReconstructAnswer) -> dict[str, Any]:
     """The JSON answer (ReconstructResult): every view as base64 PNG, the mask, masked-patch MSE and PSNR."""
     views = render.all_views(r)
     return {
