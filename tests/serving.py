@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -24,7 +25,7 @@ from app.serving.model_thread import Forward
 from app.settings import Settings
 from model import MAE, get_config
 from model.formats import save
-from tests.harness import free_port
+from tests.harness import ServerProcess, free_port
 
 
 def make_weights(folder: Path, name: str = "tiny", config: str = "mae_test", seed: int = 0, **changes) -> Path:
@@ -58,6 +59,39 @@ def assert_error(r: httpx.Response, status: int | set[int], code: str | set[str]
     if code is not None:
         assert err["code"] in ({code} if isinstance(code, str) else code), err
     return err
+
+
+# What every test server starts from: on the CPU, no warm-up (the test models need none), no batching wait.
+TEST_ENV = {"MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0"}
+
+
+def server_process(
+    weights: Path | None,
+    *,
+    module: str = "app.cli",
+    prefix: tuple[str, ...] = (),
+    split_stderr: bool = False,
+    **env: str,
+) -> ServerProcess:
+    """mae-serve (or `module`, e.g. tests.launch) as a process on a free port, with TEST_ENV, `weights` and `env`."""
+    base = {**TEST_ENV, **({"MAE_WEIGHTS": str(weights)} if weights is not None else {})}
+    return ServerProcess({**base, **env}, module=module, prefix=prefix, split_stderr=split_stderr)
+
+
+def post_image(
+    url: str, path: str, data: bytes, ctype: str = "image/png", timeout: float = 60, **params: Any
+) -> httpx.Response:
+    """One image as the raw body of a POST to a server process."""
+    return httpx.post(url + path, content=data, headers={"Content-Type": ctype}, params=params, timeout=timeout)
+
+
+def counter_value(counter: Any, *labels: str) -> float:
+    """A Prometheus counter's value for these label values, read through `collect()` (its public API)."""
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and tuple(sample.labels.values()) == labels:
+                return float(sample.value)
+    return 0.0
 
 
 @contextlib.contextmanager

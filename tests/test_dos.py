@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from tests.harness import ServerProcess, metric_value
-from tests.serving import assert_error, image_bytes
+from tests.serving import assert_error, image_bytes, post_image, server_process
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +33,7 @@ PNG = image_bytes(48, 40)
 MIB = 1024 * 1024
 
 
-def server(weights: Path, *, module: str = "app.cli", prefix: tuple[str, ...] = (), **env: str) -> ServerProcess:
-    base = {"MAE_WEIGHTS": str(weights), "MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0"}
-    return ServerProcess({**base, **env}, module=module, prefix=prefix)
+server = server_process
 
 
 @pytest.fixture
@@ -50,7 +48,7 @@ def hwm_mib(s: ServerProcess) -> float:
 
 
 def post(s: ServerProcess, path: str, data: bytes, ctype: str = "image/png", timeout: float = 60, **params):
-    return httpx.post(s.url + path, content=data, headers={"Content-Type": ctype}, params=params, timeout=timeout)
+    return post_image(s.url, path, data, ctype, timeout, **params)
 
 
 def error_code(r: httpx.Response) -> str:

@@ -28,7 +28,7 @@ from app.serving import metrics, model_thread
 from app.settings import Settings
 from client.dataset import embed_dataset
 from client.mae_client import MAEClient, load_embeddings, load_index
-from tests.serving import image_bytes, live_server
+from tests.serving import counter_value, image_bytes, live_server
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,12 +171,12 @@ def test_overloaded_server_completes_through_retries(server, weights, tmp_path):
         weights=str(weights), warmup=False, log_level="warning", max_batch_size=2, max_queue=2, retry_after_s=1
     )
     with live_server(s, forward=slow) as (url, _):
-        rejected = metrics.REJECTS.labels("queue_full")._value.get()
+        rejected = counter_value(metrics.REJECTS, "queue_full")
         before = images_total(url)
         t = time.monotonic()
         r = embed_dataset(tmp_path / "src", tmp_path / "out", url=url, concurrency=6, batch=1, progress=False)
         took = time.monotonic() - t
-        refused = metrics.REJECTS.labels("queue_full")._value.get() - rejected
+        refused = counter_value(metrics.REJECTS, "queue_full") - rejected
         assert (r.status, r.embedded, r.errors) == ("complete", 24, 0), r
         assert refused > 0 and r.retries == refused and r.refused == {"503": refused}, (refused, r)
         assert took >= 1.0  # at least one retry waited for Retry-After: 1

@@ -210,18 +210,19 @@ def test_run_in_source_order_window_bounded_resumable(tmp_path, monkeypatch):
     files = write_folder(src, 90, bad={7, 40})
     server = FakeServer(delay=0.002)
     read, written, held = [0], [0], []
-    real_read, real_commit = sources_mod._read_file, Store.commit
+    real_iter, real_commit = sources_mod.FolderSource.__iter__, Store.commit
 
-    def counting_read(*a):
-        read[0] += 1
-        held.append(read[0] - written[0])
-        return real_read(*a)
+    def counting_iter(self):
+        for item in real_iter(self):  # each item is read from disk as it is yielded
+            read[0] += 1
+            held.append(read[0] - written[0])
+            yield item
 
     def counting_commit(self):
         written[0] = self.n_ok + self.n_error
         return real_commit(self)
 
-    monkeypatch.setattr(sources_mod, "_read_file", counting_read)
+    monkeypatch.setattr(sources_mod.FolderSource, "__iter__", counting_iter)
     monkeypatch.setattr(Store, "commit", counting_commit)
     opts = Options(src=str(src), out=str(out), url="http://fake", progress=False, shard_size=16)
     s = asyncio.run(run(opts, transport=httpx.MockTransport(server)))

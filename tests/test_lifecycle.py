@@ -19,16 +19,15 @@ import torch
 
 from app.settings import Settings
 from tests.harness import ServerProcess
-from tests.serving import app_client, assert_error, image_bytes
+from tests.serving import app_client, assert_error, image_bytes, server_process
 
 pytestmark = pytest.mark.integration
 
 PNG = image_bytes(16, 16)
-BASE = {"MAE_WARMUP": "false", "MAE_DEVICE": "cpu"}
 
 
 def server(module: str = "app.cli", **env: str) -> ServerProcess:
-    return ServerProcess({**BASE, **env}, module=module, split_stderr=True)
+    return server_process(None, module=module, split_stderr=True, **{"MAE_MAX_WAIT_MS": "5", **env})
 
 
 def test_sigterm_under_load_drains_and_exits_0(weights):
@@ -173,7 +172,7 @@ def fake_oom(monkeypatch, model, fail_at: int) -> list[int]:
 
 def test_out_of_memory_splits_the_batch_then_answers_503(weights, monkeypatch):
     # The 4 images make one batch: the engine waits for images still being decoded until each is queued (a race
-    # there split them 3 + 1 under load: tests/test_engine_perf.py pins it).
+    # there split them 3 + 1 under load: tests/test_engine.py pins it).
     s = Settings(weights=str(weights), max_batch_size=4, max_wait_ms=500, warmup=False)
     body = {"images": [base64.b64encode(image_bytes(seed=i)).decode() for i in range(4)], "seed": 3, "format": "json"}
     with app_client(s) as c:

@@ -18,7 +18,7 @@ import pytest
 
 from app.serving import metrics, model_thread
 from app.settings import Settings
-from tests.serving import assert_error, image_bytes, live_server
+from tests.serving import assert_error, counter_value, image_bytes, live_server
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +45,6 @@ class SlowModel:
 @pytest.fixture
 def slow_model() -> SlowModel:
     return SlowModel(FORWARD_S)
-
-
-def counter_value(counter, *labels: str) -> float:
-    return counter.labels(*labels)._value.get()
 
 
 def open_loop(url: str, rate: float, seconds: float) -> list[tuple]:

@@ -25,8 +25,8 @@ import tritonclient.http.aio as thttp_aio
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ServerProcess, free_port
-from tests.serving import image_bytes
+from tests.harness import free_port
+from tests.serving import image_bytes, server_process
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +51,12 @@ MODEL = "tiny"
 def server(weights):
     grpc_port = free_port()
     env = {
-        "MAE_WEIGHTS": str(weights),
-        "MAE_DEVICE": "cpu",
-        "MAE_WARMUP": "false",
-        "MAE_MAX_WAIT_MS": "0",
         "MAE_API_KEYS": KEY,
         "MAE_MAX_IMAGES_PER_REQUEST": "4",
         "MAE_GRPC_PORT": str(grpc_port),
         "MAE_GRPC_MAX_MESSAGE_BYTES": str(MAX_GRPC_MESSAGE),
     }
-    with ServerProcess(env) as s:
+    with server_process(weights, **env) as s:
         s.grpc = f"127.0.0.1:{grpc_port}"
         yield s
 

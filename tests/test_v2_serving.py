@@ -21,7 +21,7 @@ from app.serving import model_thread
 from app.settings import Settings
 from app.v2.tensors import HEADER_LENGTH, join_bytes
 from tests.harness import ServerProcess, free_port, metric_value
-from tests.serving import image_bytes, live_server
+from tests.serving import image_bytes, live_server, server_process
 
 pytestmark = pytest.mark.integration
 
@@ -133,9 +133,8 @@ def json_header(r: httpx.Response) -> dict:
 
 # ------------------------------------------------------------------------------------------------ overload, drain
 def slow_server(weights, **env: str) -> ServerProcess:
-    base = {"MAE_WEIGHTS": str(weights), "MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0",
-            "MAE_MAX_BATCH_SIZE": "1", "MAE_GRPC_PORT": str(free_port())}  # fmt: skip
-    return ServerProcess({**base, **env}, module="tests.launch", split_stderr=True)
+    base = {"MAE_MAX_BATCH_SIZE": "1", "MAE_GRPC_PORT": str(free_port())}
+    return server_process(weights, module="tests.launch", split_stderr=True, **{**base, **env})
 
 
 def grpc_infer(address: str, timeout: float = 30) -> tuple[grpc.StatusCode, str, dict[str, str]]:

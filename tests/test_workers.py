@@ -19,22 +19,20 @@ import httpx
 import pytest
 
 from tests.harness import ServerProcess, free_port, metric_value
-from tests.serving import image_bytes
+from tests.serving import image_bytes, post_image, server_process
 from tests.test_vit_pytorch import make_reference, ref, save, sidecar  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 PNG = image_bytes(64, 48)
-BASE = {"MAE_DEVICE": "cpu", "MAE_WARMUP": "false", "MAE_MAX_WAIT_MS": "0", "MAE_CPU_KERNELS": "stock",
-        "MAE_TORCH_THREADS": "1"}  # fmt: skip
 
 
 def server(weights, module: str = "app.cli", **env: str) -> ServerProcess:
-    return ServerProcess({**BASE, "MAE_WEIGHTS": str(weights), **env}, module=module)
+    return server_process(weights, module=module, **{"MAE_CPU_KERNELS": "stock", "MAE_TORCH_THREADS": "1", **env})
 
 
 def post(url: str, path: str, **params) -> httpx.Response:
-    return httpx.post(url + path, content=PNG, headers={"Content-Type": "image/png"}, params=params, timeout=60)
+    return post_image(url, path, PNG, **params)
 
 
 def worker_pids(url: str, tries: int = 40) -> set[int]:

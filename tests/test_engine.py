@@ -1,0 +1,121 @@
+"""The engine: CPU batch caps, a lone request never waits, one model thread, and one request's images in one batch
+whatever order their decodes finish in."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import numpy as np
+import pytest
+import torch
+
+from app.serving import model_thread
+from app.serving.engine import LocalEngine
+from app.serving.registry import ModelEntry
+from model import MAE, get_config
+
+pytestmark = pytest.mark.unit
+
+
+def _engine(cap: int, max_wait_ms: float, forward: model_thread.Forward) -> tuple[LocalEngine, ModelEntry]:
+    torch.manual_seed(0)
+    model = MAE(get_config("mae_test")).eval()
+    entry = ModelEntry("t", model, "-", "random", "none", torch.device("cpu"), torch.float32)
+    engine = LocalEngine(forward, max_batch_size=32, max_wait_ms=max_wait_ms, max_queue=64, cpu_max_batch_size=cap)
+    return engine, entry
+
+
+def test_cpu_batches_stop_at_the_cpu_cap_and_a_lone_request_does_not_wait():
+    sizes: list[int] = []
+
+    def spy(e, op, images, masking):
+        sizes.append(int(images.shape[0]))
+        return model_thread.forward(e, op, images, masking)
+
+    async def scenario() -> None:
+        engine, entry = _engine(cap=3, max_wait_ms=600_000, forward=spy)
+        engine.start()
+        x = np.zeros((32, 32, 3), np.uint8)
+        # Nothing else is on its way: answered at once, not after max_wait (ten minutes; the timeout would end it)
+        await asyncio.wait_for(engine.submit(entry, "embed", x, None), timeout=60)
+        await asyncio.gather(*(engine.submit(entry, "embed", x, None) for _ in range(7)))
+        await engine.close(1)
+
+    asyncio.run(scenario())
+    assert sizes[0] == 1 and max(sizes) <= 3 and sum(sizes[1:]) == 7
+
+
+def test_engine_runs_on_the_one_model_thread():
+    import threading
+
+    names: set[str] = set()
+
+    def spy(e, op, images, masking):
+        names.add(threading.current_thread().name)
+        return model_thread.forward(e, op, images, masking)
+
+    async def scenario() -> None:
+        engine, entry = _engine(cap=4, max_wait_ms=0, forward=spy)
+        engine.start()
+        await engine.submit(entry, "embed", np.zeros((32, 32, 3), np.uint8), None)
+        model_thread.run(model_thread.compute, spy, entry, "embed", torch.zeros(1, 32, 32, 3, dtype=torch.uint8), None)
+        await engine.close(1)
+
+    asyncio.run(scenario())
+    assert len(names) == 1 and next(iter(names)).startswith("mae-model")
+
+
+class _LoopSteps(concurrent.futures.Executor):
+    """An I/O pool that runs each job at once but answers it `steps[data]` event-loop steps later: every order of
+    decodes finishing against the batcher's wake-ups, deterministically."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, steps: dict[bytes, int]) -> None:
+        self.loop, self.steps = loop, steps
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        result = fn(*args, **kwargs)
+
+        def later(n: int) -> None:
+            if n:
+                self.loop.call_soon(later, n - 1)
+            else:
+                done.set_result(result)
+
+        later(self.steps[args[0]])
+        return done
+
+
+@pytest.mark.parametrize("steps", range(12))
+def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(steps):
+    """Failed before the fix for some `steps` (batches [3, 1]): the last image's `coming` ended, waking the batcher,
+    before its submission was queued, so the partial batch of 3 left without it (CI: the OOM-split test, under load)."""
+    from types import SimpleNamespace
+
+    from app.serving import pipeline
+    from app.settings import Settings
+    from tests.serving import image_bytes
+
+    sizes: list[int] = []
+
+    def spy(e, op, images, masking):
+        sizes.append(int(images.shape[0]))
+        return model_thread.forward(e, op, images, masking)
+
+    pngs = [image_bytes(40 + i, 32) for i in range(4)]  # four real images, each its own decode
+
+    async def scenario() -> None:
+        engine, entry = _engine(cap=8, max_wait_ms=1000, forward=spy)
+        engine.start()
+        pool = _LoopSteps(asyncio.get_running_loop(), dict(zip(pngs, (0, 0, 1, 1 + steps), strict=True)))
+        service = SimpleNamespace(settings=Settings(), engine=engine, io_pool=pool)
+        mask = pipeline.MaskSpec(ratio=0.0, seed=0)
+        await pipeline.each_image(
+            pngs,
+            lambda b: pipeline.embed(service, entry, b, mask, "squash", None),  # type: ignore[arg-type]
+        )
+        await engine.close(1)
+
+    asyncio.run(scenario())
+    assert sizes == [4]
