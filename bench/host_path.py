@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import cpu_dtype as bare_cpu_dtype
 from bench import loadgen
 from bench.common import (
     NULL,
@@ -159,14 +160,17 @@ def part_gil(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[di
 
 def part_peers(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
     rows = []
-    for name in args.models.split(","):
+    for name, dt in ((m, d) for m in args.models.split(",") for d in args.dtypes.split(",")):
         weights = str(MODELS[name])
+        bare = bare_all(weights, dt)
         for op, path in (("reconstruct", "/v1/reconstruct?mask_ratio=0.75&seed=3"), ("embed", "/v1/embed?pool=cls")):
             servers = [
-                Server("mae", weights, {"MAE_WORKERS": w}, label=f"mae-serve w{w}") for w in args.workers.split(",")
+                Server("mae", weights, {"MAE_WORKERS": w, "MAE_DTYPE": dt}, label=f"mae-serve w{w}")
+                for w in args.workers.split(",")
             ]
-            servers.append(Server(f"litserve-{op}", weights, {"max-batch-size": "4", "batch-timeout": "0.005"}))
-            if name == "vitb":
+            litserve = {"max-batch-size": "4", "batch-timeout": "0.005", "dtype": dt}
+            servers.append(Server(f"litserve-{op}", weights, litserve))
+            if name == "vitb" and dt == "float32":  # the twenty-line FastAPI + transformers server: fp32 only
                 servers.append(Server("baseline", weights, {}, "async"))
             for server in servers:
                 server.start()
@@ -177,15 +181,22 @@ def part_peers(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[
                         url = f"/{op}" if server.kind.startswith("litserve") else path
                         payloads = json_bodies(server, url, pics)
                     row = level(server, op, op, payloads, args.clients, args)
-                    row.update(model=name, op=op)
+                    row.update(model=name, op=op, dtype=dt)
                     rows.append(row)
                 finally:
                     server.stop()
-            rows.append(
-                {"model": name, "op": op, "server": "in-process pipeline", **pipeline_ceiling(weights, op, pics)}
-            )
-            rows.append({"model": name, "op": op, "server": "bare model", **bare_best(weights, op)})
+            pipe = pipeline_ceiling(weights, op, pics, dtype=dt)
+            rows.append({"model": name, "op": op, "dtype": dt, "server": "in-process pipeline", **pipe})
+            best = max(bare_cpu_dtype.BATCHES, key=lambda b, op=op: bare[f"{op}|{b}"])
+            bare_row = {"images_per_s": bare[f"{op}|{best}"], "batch": best}
+            rows.append({"model": name, "op": op, "dtype": dt, "server": "bare model", **bare_row})
     return rows
+
+
+def bare_all(weights: str, dtype: str) -> dict[str, float]:
+    """The bare model through model_thread.forward in a fresh process with mae-serve's OpenMP choice
+    (bench/cpu_dtype.py): images/s per op and batch."""
+    return bare_cpu_dtype.bare(weights, dtype, "auto")
 
 
 def part_hog(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[dict]:
@@ -213,7 +224,9 @@ def part_hog(args: argparse.Namespace, pics: list[tuple[str, bytes]]) -> list[di
 
 
 # ---------------------------------------------------------------------------------------------- ceilings
-def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: int = 96) -> dict[str, Any]:
+def pipeline_ceiling(
+    weights: str, op: str, pics: list[tuple[str, bytes]], n: int = 96, dtype: str = "float32"
+) -> dict[str, Any]:
     """decode -> batch -> model -> encode in this process, no HTTP: two threads decode and encode (as the server's
     I/O pool does, Pillow and zlib release the GIL) while the model thread runs batch after batch; best batch."""
     import torch
@@ -226,7 +239,7 @@ def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: in
     from model.masking import Masking, len_keep_for_ratio, random_noise
 
     configure_torch_threads(0, on_gpu=False)
-    registry = model_thread.run(Registry.from_settings, Settings(weights=weights))
+    registry = model_thread.run(Registry.from_settings, Settings(weights=weights, dtype=dtype))
     entry = next(iter(registry.entries.values()))
     c = entry.config
     best: dict[str, Any] = {}
@@ -263,19 +276,7 @@ def pipeline_ceiling(weights: str, op: str, pics: list[tuple[str, bytes]], n: in
     return best
 
 
-def bare_best(weights: str, op: str) -> dict[str, Any]:
-    from bench.ceiling import Bare
-
-    bare = Bare(weights, "auto", threads=0)
-    best: dict[str, Any] = {}
-    for b in (1, 2, 4, 8):
-        r = bare.measure(op, b, min_time=1.5, min_iters=3)
-        if not best or r["images_per_s"] > best["images_per_s"]:
-            best = {"images_per_s": r["images_per_s"], "batch": b}
-    return best
-
-
-KEYS = ("route", "model", "op", "server", "workers")
+KEYS = ("route", "model", "op", "dtype", "server", "workers")
 NUMBERS = ("images_per_s", "server_cpu_ms_per_image", "latency_ms_p50", "latency_ms_p99", "server_cpu_pct",
            "foreign_cpu_pct", "gil_ms_per_image", "gil_share_of_wall", "vs_quiet", "batch_mean")  # fmt: skip
 
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default="null,gil,peers,hog")
     ap.add_argument("--models", default="small,vitb")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--dtypes", default="float32", help="peers part: float32,bfloat16 for both")
     ap.add_argument("--before", default="51a7c74^", help="null part: also the server of this git revision ('' = no)")
     add_load_arguments(ap)
     ap.add_argument("--out", default="host_path")
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "null" in result:
         print(table(result["null"], cols, "null model"))
     if "peers" in result:
-        pc = [("model", "model", ""), ("op", "op", ""), ("server", "server", ""), ("images_per_s", "images/s", ".1f"),
+        pc = [("model", "model", ""), ("dtype", "dtype", ""), ("op", "op", ""), ("server", "server", ""),
+              ("images_per_s", "images/s", ".1f"),
               ("server_cpu_ms_per_image", "CPU ms/image", ".2f"), ("batch", "batch", "")]  # fmt: skip
         print(table(result["peers"], pc, "peers"))
     write_json(args.out, result)

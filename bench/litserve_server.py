@@ -1,6 +1,7 @@
 """A peer for the benchmarks: the same MAE served by LitServe, written its documented way.
 
     python bench/litserve_server.py --weights W --port P [--max-batch-size 4] [--batch-timeout 0.005] [--workers 1]
+        [--dtype float32|bfloat16]
 
 LitAPI with dynamic batching (max_batch_size / batch_timeout), the same weights loaded by model.formats, its own
 image recipe (Pillow decode, bicubic resize to the model's size, to a tensor), the same input form as mae-serve's
@@ -30,12 +31,12 @@ from model.masking import Masking, len_keep_for_ratio, random_noise  # noqa: E40
 
 
 class MAEAPI(ls.LitAPI):
-    def __init__(self, weights: str, op: str, **kw: Any) -> None:
+    def __init__(self, weights: str, op: str, dtype: str = "float32", **kw: Any) -> None:
         super().__init__(**kw)
-        self.weights, self.op = weights, op
+        self.weights, self.op, self.dtype = weights, op, getattr(torch, dtype)
 
     def setup(self, device: str) -> None:
-        self.model = load(self.weights).model.eval()
+        self.model = load(self.weights).model.to(self.dtype).eval()  # bf16: the whole model cast, as MAE_DTYPE does
         self.size = self.model.config.img_size
 
     def decode_request(self, request: dict[str, Any]) -> torch.Tensor:
@@ -47,12 +48,13 @@ class MAEAPI(ls.LitAPI):
         return torch.stack(inputs)
 
     def predict(self, x: torch.Tensor) -> Any:
+        x = x.to(self.dtype)
         with torch.inference_mode():
             if self.op == "embed":
-                return self.model.encode(x).cls
+                return self.model.encode(x).cls.float()
             n = self.model.config.num_patches
             masking = Masking(random_noise(x.shape[0], n, seed=3), len_keep_for_ratio(n, 0.75))
-            return self.model.reconstruct(x, masking).paste
+            return self.model.reconstruct(x, masking).paste.float()
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)
@@ -75,9 +77,10 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--batch-timeout", type=float, default=0.005)
     ap.add_argument("--workers", type=int, default=1, help="LitServe's workers_per_device")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
-    api = MAEAPI(args.weights, args.op, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
-                 api_path=f"/{args.op}")  # fmt: skip
+    api = MAEAPI(args.weights, args.op, args.dtype, max_batch_size=args.max_batch_size,
+                 batch_timeout=args.batch_timeout, api_path=f"/{args.op}")  # fmt: skip
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, healthcheck_path="/readyz")
     server.run(host=args.host, port=args.port, generate_client_file=False)
 
