@@ -176,6 +176,16 @@ def test_several_images_per_request_errors_stay_per_image(client):
     assert z["cls"].shape == (2, 32)
 
 
+def test_the_page_and_its_files_are_served(client):
+    """GET / is the demo page and /static/ its files, from the package's app/static (a 404 after the move to
+    app/http/routes: the page's path was counted from the module's own folder)."""
+    from app.http.routes.page import STATIC
+
+    r = client.get("/")
+    assert r.status_code == 200 and r.content == (STATIC / "index.html").read_bytes()
+    assert client.get("/static/app.js").status_code == 200
+
+
 def test_models_and_health(client, weights):
     m = client.get("/v1/models").json()
     info = m["models"][0]
