@@ -201,6 +201,7 @@ def _stream(
     num_gpus, actors, batch = plan
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = opts.progress
+    ctx.wait_for_min_actors_s = 600  # every model actor loaded before work is handed out, so it spreads over them all
     positions = [i for i, _ in todo]
     by_pos = dict(todo)
     source = ShardSource([s for _, s in todo], positions, settings.max_body_bytes, opts.image_column)
@@ -213,7 +214,7 @@ def _stream(
                                "mask_ratio": opts.mask_ratio, "seed": seed or 0,
                                "threads": max(1, int(opts.cpus_per_actor)), "forward": opts.forward},  # fmt: skip
         batch_format="numpy", batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
-        num_cpus=opts.cpus_per_actor,
+        num_cpus=opts.cpus_per_actor, scheduling_strategy="SPREAD",  # model actors on as many nodes as there are
     )  # fmt: skip
     keys = list(manifest["arrays"])
     t_start = time.monotonic()
@@ -233,10 +234,12 @@ def _stream(
                 "model": manifest["model"], "parameters": manifest["parameters"]}  # fmt: skip
         fname = table.write_table(table.to_table(index, arrays, meta), opts.out, shard.name)
         nodes = sorted({rows[i]["node"] for i in order})
+        decode_nodes = sorted({rows[i]["decode_node"] for i in order})
         ok = sum(s == "ok" for s in index["status"])
         manifest["shards"][shard.name] = {
             "file": fname, "source": public_uri(shard.uri), "rows": len(order), "ok": ok, "errors": len(order) - ok,
-            "nodes": nodes, "seconds": round(time.monotonic() - started.get(pos, time.monotonic()), 3),
+            "nodes": nodes, "decode_nodes": decode_nodes,
+            "seconds": round(time.monotonic() - started.get(pos, time.monotonic()), 3),
             "written_at_s": round(time.monotonic() - t_start, 3),  # since this job's stream started
         }  # fmt: skip
         table.write_manifest(opts.out, manifest)
@@ -252,7 +255,8 @@ def _stream(
             started.setdefault(pos, time.monotonic())
             error = b["error"][j]
             row = {"uri": str(b["uri"][j]), "sha256": str(b["sha256"][j]), "status": str(b["status"][j]),
-                   "node": str(b["node"][j]), "error": error if isinstance(error, str) else None,
+                   "node": str(b["node"][j]), "decode_node": str(b["decode_node"][j]),
+                   "error": error if isinstance(error, str) else None,
                    **{k: b[k][j] for k in keys}}  # fmt: skip
             pending[pos][i] = row  # a retried task's rows replace their first copies
             if bool(b["last"][j]):

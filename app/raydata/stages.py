@@ -107,6 +107,9 @@ def decode_batch(batch: pa.Table, size: int, resize: imaging.ResizeMode, setting
             errors[i] = error_text(e)
     out["error"] = np.array(errors, dtype=object)
     out["pixels"] = pixels
+    import ray  # in the task's process, where Ray is set up
+
+    out["decode_node"] = np.array([ray.get_runtime_context().get_node_id()] * n, dtype=object)
     return out
 
 
@@ -191,6 +194,7 @@ class Embedder:
         out["error"] = np.array(errors, dtype=object)
         out["status"] = np.array(["ok" if e is None else "error" for e in errors], dtype=object)
         out["node"] = np.array([self.node] * n, dtype=object)
+        out["decode_node"] = batch["decode_node"]
         for key in self.keys:  # every batch has every column (error rows: zeros, written as nulls)
             col = np.zeros((n, *self.shapes[key]), np.int64 if key == "patch_indices" else self.dtype)
             for i, r in results.items():
