@@ -11,8 +11,10 @@ Cancelling a request cancels whatever it awaits: its queued images are dropped b
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -178,3 +180,56 @@ class BodyGuard:
             return msg
 
         await self.app(scope, guarded, send)
+
+
+class ErrorShape:
+    """Error answers in another protocol's shape on its paths: the service's one error body, {"error": {"status",
+    "code", "message"}}, whoever answered (a route, auth, the body or concurrency limit, a 404 or 405), is held until
+    complete and rewritten by `shape`. A front-end with an error shape of its own (v2, OpenAI) says which paths
+    (`applies`) and what shape; any other answer passes untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def applies(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def shape(self, error: dict[str, Any], status: int) -> Any:
+        raise NotImplementedError
+
+    def reshaped(self, body: bytes, status: int) -> bytes:
+        try:
+            error = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            return body
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+            return body
+        return json.dumps(self.shape(error, status)).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.applies(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        start: Message | None = None
+        parts: list[bytes] = []
+
+        async def reshape(msg: Message) -> None:
+            nonlocal start
+            if msg["type"] == "http.response.start":
+                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
+                if msg["status"] >= 400 and ctype.startswith(b"application/json"):
+                    start = msg  # held until the whole (small) error body is in
+                    return
+            elif msg["type"] == "http.response.body" and start is not None:
+                parts.append(msg.get("body", b""))
+                if msg.get("more_body", False):
+                    return
+                body = self.reshaped(b"".join(parts), start["status"])
+                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                start = None
+                return
+            await send(msg)
+
+        await self.app(scope, receive, reshape)

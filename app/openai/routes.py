@@ -22,18 +22,17 @@ import asyncio
 import base64
 import binascii
 import functools
-import json
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http.auth import require_api_key
 from app.http.errors import APIError, all_or_nothing, api_error, from_validation, per_image
 from app.http.jsonio import JSONAnswer
+from app.http.middleware import ErrorShape
 from app.http.params import deadline_of, draw_seed
 from app.http.readiness import get_service
 from app.openai import fetch
@@ -223,50 +222,14 @@ def _item(i: int, s: str, urls: bool, many: bool) -> bytes | str:
 _TYPES = {401: "authentication_error", 403: "permission_error"}
 
 
-class OpenAIErrorShape:
-    """On /v1/embeddings, error answers in OpenAI's shape: the service's {"error": {"status", "code", "message"}}
-    (whoever answered: the route, auth, the body or concurrency limit, a 405) -> {"error": {"message", "type",
-    "param", "code"}}."""
+class OpenAIErrorShape(ErrorShape):
+    """On /v1/embeddings, error answers in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def applies(self, path: str) -> bool:
+        return path == PATH
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") != PATH:
-            return await self.app(scope, receive, send)
-        start: Message | None = None
-        parts: list[bytes] = []
-
-        async def reshape(msg: Message) -> None:
-            nonlocal start
-            if msg["type"] == "http.response.start":
-                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
-                if msg["status"] >= 400 and ctype.startswith(b"application/json"):
-                    start = msg  # held until the whole (small) error body is in
-                    return
-            elif msg["type"] == "http.response.body" and start is not None:
-                parts.append(msg.get("body", b""))
-                if msg.get("more_body", False):
-                    return
-                body = openai_body(b"".join(parts), start["status"])
-                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                start = None
-                return
-            await send(msg)
-
-        await self.app(scope, receive, reshape)
-
-
-def openai_body(body: bytes, status: int) -> bytes:
-    try:
-        error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
-        return body
-    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
-        return body
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    shaped = {"message": error["message"], "type": kind, "param": error.get("param"), "code": error.get("code")}
-    return json.dumps({"error": shaped}).encode()
+    def shape(self, error: dict[str, Any], status: int) -> Any:
+        kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {
+            "error": {"message": error["message"], "type": kind, "param": error.get("param"), "code": error.get("code")}
+        }

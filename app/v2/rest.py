@@ -13,15 +13,14 @@ on /v2 paths (the statuses and headers stay, so Retry-After, WWW-Authenticate an
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http.auth import require_api_key
 from app.http.errors import APIError, api_error
+from app.http.middleware import ErrorShape
 from app.http.params import deadline_of
 from app.http.readiness import Readiness, get_service, readiness
 from app.serving.errors import ServingError, UnknownModel
@@ -163,48 +162,11 @@ async def infer_route(
 
 
 # ---------------------------------------------------------------------------------------------- the error shape
-class V2ErrorShape:
-    """On /v2 paths, error answers in the protocol's shape: {"error": {"status", "code", "message"}} (the service's
-    one shape, whoever answered: a route, auth, the body or concurrency limit, a 404) -> {"error": "<message>"}."""
+class V2ErrorShape(ErrorShape):
+    """On /v2 paths, error answers in the protocol's shape: {"error": "<message>"}."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def applies(self, path: str) -> bool:
+        return path == PREFIX or path.startswith(PREFIX + "/")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path != PREFIX and not path.startswith(PREFIX + "/"):
-            return await self.app(scope, receive, send)
-        start: Message | None = None
-        parts: list[bytes] = []
-
-        async def reshape(msg: Message) -> None:
-            nonlocal start
-            if msg["type"] == "http.response.start":
-                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
-                if msg["status"] >= 400 and ctype.startswith(b"application/json"):
-                    start = msg  # held until the whole (small) error body is in
-                    return
-            elif msg["type"] == "http.response.body" and start is not None:
-                parts.append(msg.get("body", b""))
-                if msg.get("more_body", False):
-                    return
-                body = _v2_body(b"".join(parts))
-                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                start = None
-                return
-            await send(msg)
-
-        await self.app(scope, receive, reshape)
-
-
-def _v2_body(body: bytes) -> bytes:
-    try:
-        error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
-        return body
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return json.dumps({"error": error["message"]}).encode()
-    return body
+    def shape(self, error: dict[str, Any], status: int) -> Any:
+        return {"error": error["message"]}
