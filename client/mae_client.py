@@ -28,10 +28,10 @@ import httpx
 import numpy as np
 
 from client.dataset import load_embeddings, load_index
-from client.dataset.runner import DEFAULT_SHARD_SIZE, DTYPES, POOLS, RESIZES, Options, Summary, run
+from client.dataset.runner import DEFAULT_SHARD_SIZE, Options, Summary, run
 from client.dataset.send import Fatal
 from client.dataset.store import StoreError
-from client.vocabulary import media_type
+from client.vocabulary import DTYPES, POOLS, RESIZES, media_type
 
 __all__ = ["MAEClient", "MAEError", "load_embeddings", "load_index", "main"]
 

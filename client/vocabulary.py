@@ -6,6 +6,7 @@ The server validates against these very lists (app.http.params, app.serving.imag
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 ResizeMode = Literal["squash", "crop", "pad"]
@@ -15,6 +16,23 @@ EmbedDtype = Literal["float32", "float16"]
 RESIZES: tuple[str, ...] = get_args(ResizeMode)
 POOLS: tuple[str, ...] = ("cls", "mean", "patches", "all")  # the order mae-client lists them in
 DTYPES: tuple[str, ...] = ("float16", "float32")
+
+
+def check_options(pool: str, dtype: str, resize: str, mask_ratio: float, counts: dict[str, int | None]) -> None:
+    """A dataset job's options (embed-dataset, mae-embed-ray), in their command-line names: ValueError naming the
+    first bad one. `counts`: option name -> a value that must be at least 1 when given."""
+    if pool not in POOLS:
+        raise ValueError(f"--pool must be one of {', '.join(POOLS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if resize not in RESIZES:
+        raise ValueError(f"--resize must be one of {', '.join(RESIZES)}")
+    if not (math.isfinite(mask_ratio) and 0 <= mask_ratio < 1):
+        raise ValueError("--mask-ratio must be in [0, 1)")
+    for name, v in counts.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
 
 _MAGIC = {
     b"\x89PNG\r\n\x1a\n": "PNG",

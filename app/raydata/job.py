@@ -11,7 +11,6 @@ restarted); rows that come twice from a retried task are kept once.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from app.raydata.stages import Embedder, ShardSource, decode_batch, keys_for, lo
 from app.settings import Settings
 from client.dataset import table
 from client.dataset.storage import Shard, expand, public_uri
-from client.vocabulary import DTYPES, POOLS, RESIZES
+from client.vocabulary import check_options
 from model.masking import len_keep_for_ratio
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -53,18 +52,13 @@ class Options:
     forward: str | None = None  # "module:function": another Forward for the model call (tests)
 
     def check(self) -> None:
-        if self.pool not in POOLS:
-            raise ValueError(f"--pool must be one of {', '.join(POOLS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.resize not in RESIZES:
-            raise ValueError(f"--resize must be one of {', '.join(RESIZES)}")
-        if not (math.isfinite(self.mask_ratio) and 0 <= self.mask_ratio < 1):
-            raise ValueError("--mask-ratio must be in [0, 1)")
-        for name in ("concurrency", "batch_size", "shard_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        check_options(
+            self.pool,
+            self.dtype,
+            self.resize,
+            self.mask_ratio,
+            {"concurrency": self.concurrency, "batch_size": self.batch_size, "shard_size": self.shard_size},
+        )
 
 
 @dataclass

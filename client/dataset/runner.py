@@ -34,7 +34,7 @@ from client.dataset.send import Fatal, Outcome, Sender, batchable, error_text
 from client.dataset.sources import Item, Source, open_source
 from client.dataset.storage import ShardsSource, expand, needs_fsspec, public_uri
 from client.dataset.store import Store
-from client.vocabulary import DTYPES, POOLS, RESIZES
+from client.vocabulary import check_options
 
 DEFAULT_SHARD_SIZE = 10_000
 _MULTIPART_OVERHEAD = 512  # bytes of multipart framing per image, on top of its bytes
@@ -60,18 +60,13 @@ class Options:
     progress: bool = True
 
     def check(self) -> None:
-        if self.pool not in POOLS:
-            raise ValueError(f"--pool must be one of {', '.join(POOLS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.resize not in RESIZES:
-            raise ValueError(f"--resize must be one of {', '.join(RESIZES)}")
-        if not (math.isfinite(self.mask_ratio) and 0 <= self.mask_ratio < 1):
-            raise ValueError("--mask-ratio must be in [0, 1)")
-        for name in ("concurrency", "batch", "shard_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        check_options(
+            self.pool,
+            self.dtype,
+            self.resize,
+            self.mask_ratio,
+            {"concurrency": self.concurrency, "batch": self.batch, "shard_size": self.shard_size},
+        )
 
 
 @dataclass
