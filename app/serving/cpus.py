@@ -48,20 +48,23 @@ def prepare_runtime(omp_wait: OmpWait = "passive", gpu: bool = False) -> str:
     - malloc keeps freed blocks under 32 MiB for reuse: glibc's default maps each batch-sized tensor (a few MiB)
       fresh from the kernel and unmaps it when freed, so every batch pays a page fault per 4 KiB of each tensor.
     """
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        why = "set in the environment"
-    elif omp_wait == "auto" and not gpu:
-        omp_wait, why = calibrate_wait()
+    if RUNTIME_ENV in os.environ:  # a process mae-serve started (a worker): the choice came with the environment
+        why = str(runtime_report().get("chosen_by", "inherited"))
     else:
-        why = "MAE_OMP_WAIT" if not gpu else "model on a GPU"
-        omp_wait = "passive" if omp_wait == "auto" else omp_wait
-    if why != "set in the environment":
-        if omp_wait == "spin":
-            os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+            why = "set in the environment"
         else:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    policy = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
-    os.environ[RUNTIME_ENV] = json.dumps({"omp": policy, "chosen_by": why, **cpu_features()})
+            if omp_wait == "auto" and not gpu:
+                omp_wait, why = calibrate_wait()
+            else:
+                why = "MAE_OMP_WAIT" if not gpu else "model on a GPU"
+            if omp_wait == "spin":
+                os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+            else:
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        policy = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+        os.environ[RUNTIME_ENV] = json.dumps({"omp": policy, "chosen_by": why, **cpu_features()})
+    policy = str(runtime_report()["omp"])
     malloc = f"malloc reuses freed blocks under {MMAP_THRESHOLD >> 20} MiB" if keep_freed_memory() else "malloc untuned"
     return f"OpenMP idle threads: {policy} ({why}); {malloc}; CPU: {describe_cpu()}"
 
