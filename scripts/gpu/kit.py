@@ -1053,8 +1053,9 @@ def oom_split(path: Path, n: int, peak_mib: float) -> dict[str, Any]:
 
 def drain(s: Any, path: str, photos: list[Path], connections: int, margin: float = 0.05) -> dict[str, Any]:
     """Closed-loop load; once the first answers are in and a request has been in flight for longer than twice
-    `margin` (or half the typical answer time, where answers come faster), SIGTERM. Every request sent `margin` or more before the signal must get 200 or 503 (later ones may be refused:
-    the listener closes). The server must exit 0."""
+    `margin` (or half the typical answer time, where answers come faster), SIGTERM. Every request sent `margin` or
+    more before the signal must get 200 or 503 (later ones may be refused: the listener closes). The server must
+    exit 0."""
     import asyncio
 
     from bench.loadgen import Conn, multipart_request
