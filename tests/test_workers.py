@@ -1,4 +1,4 @@
-"""MAE_WORKERS > 1: HTTP workers in front of one model process (app/supervisor.py, app/serving/remote.py), for real.
+"""MAE_WORKERS > 1: HTTP workers in front of one model process (app/supervisor.py, app/serving/remote/), for real.
 
 Same answers as one process; batching stays global (images from every worker meet in one engine); shared metrics;
 a client that leaves has its queued images dropped in the model process; a worker that dies is replaced; SIGTERM
