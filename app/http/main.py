@@ -23,12 +23,14 @@ from app.http.middleware import BodyGuard, InFlight, Lifecycle
 from app.http.readiness import Readiness
 from app.http.routes import embed, health, models, page, reconstruct
 from app.openai import routes as openai_routes
+from app.openai.errors import OpenAIErrorShape
 from app.serving import model_thread, service
 from app.serving.cpus import configure_torch_threads
 from app.serving.model_thread import Forward
 from app.serving.registry import ModelLoadError
 from app.settings import Settings
 from app.v2 import rest as v2_rest
+from app.v2.errors import V2ErrorShape
 
 WORKER_JOIN_S = 2.0  # how long a starting worker waits for a model process that is up before serving anyway
 log = logging.getLogger("mae.serve")
@@ -141,8 +143,8 @@ def create_app(
         )
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(Lifecycle, inflight=readiness.inflight, retry_after_s=settings.retry_after_s, exempt=PROBES)
-    app.add_middleware(v2_rest.V2ErrorShape)  # outermost: every /v2 error answer, whoever gave it, in v2's shape
-    app.add_middleware(openai_routes.OpenAIErrorShape)  # and every /v1/embeddings one in OpenAI's
+    app.add_middleware(V2ErrorShape)  # outermost: every /v2 error answer, whoever gave it, in v2's shape
+    app.add_middleware(OpenAIErrorShape)  # and every /v1/embeddings one in OpenAI's
     return app
 
 

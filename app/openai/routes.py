@@ -12,8 +12,9 @@ Choices (README "OpenAI-compatible embeddings"):
 - `usage.prompt_tokens` counts the image patches the encoder saw;
 - an unknown model is 404 (OpenAI's answer, so the SDKs raise NotFoundError; /v1 says 422);
 - one bad image fails the whole request (OpenAI's API has no per-item errors), with /v1's status for it.
-Errors leave in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: `OpenAIErrorShape` rewrites the
-service's one shape on this path, so statuses and headers (Retry-After, WWW-Authenticate) stay /v1's.
+Errors leave in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: app/openai/errors.py's
+`OpenAIErrorShape` rewrites the service's one shape on this path, so statuses and headers (Retry-After,
+WWW-Authenticate) stay /v1's; `OpenAIError` names the field at fault.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from pydantic import ValidationError
 from app.http.auth import require_api_key
 from app.http.errors import APIError, all_or_nothing, api_error, from_validation, per_image
 from app.http.jsonio import JSONAnswer
-from app.http.middleware import ErrorShape
 from app.http.params import deadline_of, draw_seed
 from app.http.readiness import get_service
 from app.openai import fetch
+from app.openai.errors import OpenAIError
 from app.openai.schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorBody
 from app.serving import pipeline
 from app.serving.errors import ServingError, UnknownModel
@@ -44,27 +45,7 @@ from app.serving.service import Service
 from app.settings import Settings
 from app.v2.schemas import inline
 
-PATH = "/v1/embeddings"
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(require_api_key)])
-
-
-class OpenAIError(APIError):
-    """An APIError that names the request field at fault (OpenAI's `param`)."""
-
-    def __init__(
-        self, status: int, code: str, message: str, param: str | None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(status, code, message, headers)
-        self.param = param
-
-    @classmethod
-    def of(cls, e: APIError, param: str | None, prefix: str = "") -> OpenAIError:
-        return cls(e.status, e.code, prefix + e.message, param, dict(e.headers))
-
-    def body(self) -> dict[str, Any]:
-        body = super().body()
-        body["error"]["param"] = self.param
-        return body
 
 
 _DOC: dict[str, Any] = {
@@ -216,20 +197,3 @@ def _item(i: int, s: str, urls: bool, many: bool) -> bytes | str:
     except (binascii.Error, ValueError):
         why = f"{where} is not an image: neither a data:image/...;base64 URI nor base64 (text is not embedded here)"
         raise OpenAIError(400, "bad_base64", why, "input") from None
-
-
-# ---------------------------------------------------------------------------------------------- the error shape
-_TYPES = {401: "authentication_error", 403: "permission_error"}
-
-
-class OpenAIErrorShape(ErrorShape):
-    """On /v1/embeddings, error answers in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def applies(self, path: str) -> bool:
-        return path == PATH
-
-    def shape(self, error: dict[str, Any], status: int) -> Any:
-        kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        return {
-            "error": {"message": error["message"], "type": kind, "param": error.get("param"), "code": error.get("code")}
-        }

@@ -1,5 +1,6 @@
 """The tensor contract of the v2 front-end: one input, named outputs with fixed datatypes and shapes, request
-parameters, and the work a request's outputs ask for. REST and gRPC share it; model metadata publishes it.
+parameters, and the work a request's outputs ask for. REST and gRPC share it (and the server's metadata, and `find`,
+the model a request names); model metadata publishes it.
 
 Input `image`: BYTES [-1], one encoded PNG, JPEG or WebP per element, decoded and limited exactly as /v1's images.
 Outputs, for N images, embedding width D, L patches of which L' are visible, and the model's H x W input:
@@ -25,7 +26,9 @@ from pydantic import Field, field_validator
 
 from app.http.errors import APIError
 from app.http.params import MaskParams, parse
+from app.serving.errors import UnknownModel
 from app.serving.registry import ModelEntry
+from app.serving.service import Service
 from model.masking import EMBED_MASK_RATIO, RECONSTRUCT_MASK_RATIO
 
 INPUT = "image"
@@ -34,6 +37,8 @@ PIXELS = ("reconstruction", "paste", "masked", "mse")
 DEFAULT = ("cls", "mean", "patches")
 VERSION = "1"  # every model has one version; /versions/1 names it, and so does an empty version
 PLATFORM = "pytorch"
+SERVER, SERVER_VERSION = "mae-serve", "0.1.0"  # server metadata, REST's GET /v2 and gRPC's ServerMetadata
+EXTENSIONS = ["binary_tensor_data"]
 
 Scalar = bool | int | float | str  # what a v2 parameter value can be
 
@@ -46,6 +51,18 @@ class TensorInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+def find(service: Service, name: str, version: str | None = None) -> ModelEntry:
+    """The model a v2 request names (the names of /v1/models); 404 for another name or version."""
+    try:
+        entry = service.model(name)
+    except UnknownModel as e:
+        raise APIError(404, e.code, str(e)) from None
+    if version not in (None, "", VERSION):
+        why = f"model {name!r} has no version {version!r}; it has {VERSION!r}"
+        raise APIError(404, "unknown_version", why)
+    return entry
 
 
 def inputs(entry: ModelEntry) -> list[TensorInfo]:

@@ -32,7 +32,7 @@ from app.serving import metrics
 from app.serving.registry import ModelEntry
 from app.serving.service import Service
 from app.settings import Settings
-from app.v2 import contract, infer, rest, tensors
+from app.v2 import contract, infer, tensors
 from app.v2.contract import Requested, Scalar, bad
 
 log = logging.getLogger("mae.v2.grpc")
@@ -78,15 +78,17 @@ class Servicer:
         return pb.ServerReadyResponse(ready=self.readiness.ready)
 
     async def ModelReady(self, request: Any, context: Context) -> Any:
-        rest.find(self._service(context), request.name, request.version)  # NOT_FOUND for a model not loaded
+        contract.find(self._service(context), request.name, request.version)  # NOT_FOUND for a model not loaded
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: Context) -> Any:
         self._service(context)
-        return pb.ServerMetadataResponse(name=rest.SERVER, version=rest.VERSION, extensions=rest.EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=contract.SERVER, version=contract.SERVER_VERSION, extensions=contract.EXTENSIONS
+        )
 
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
-        entry = rest.find(self._service(context), request.name, request.version)
+        entry = contract.find(self._service(context), request.name, request.version)
         return pb.ModelMetadataResponse(
             name=entry.name,
             versions=[contract.VERSION],
@@ -98,7 +100,7 @@ class Servicer:
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         service = self._service(context)
-        entry = rest.find(service, request.model_name, request.model_version)
+        entry = contract.find(service, request.model_name, request.model_version)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         loop = asyncio.get_running_loop()

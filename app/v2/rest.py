@@ -6,8 +6,9 @@
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer       JSON tensors, or the binary tensor extension both ways
 
-Errors leave in the protocol's shape, {"error": "<message>"}: `V2ErrorShape` rewrites the service's one error shape
-on /v2 paths (the statuses and headers stay, so Retry-After, WWW-Authenticate and the metrics are /v1's).
+Errors leave in the protocol's shape, {"error": "<message>"}: app/v2/errors.py's `V2ErrorShape` rewrites the
+service's one error shape on /v2 paths (the statuses and headers stay, so Retry-After, WWW-Authenticate and the
+metrics are /v1's). What gRPC shares with these routes (the server's name and version, `find`) is app/v2/contract.py's.
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ from fastapi.responses import JSONResponse
 
 from app.http.auth import require_api_key
 from app.http.errors import APIError, api_error
-from app.http.middleware import ErrorShape
 from app.http.params import deadline_of
 from app.http.readiness import Readiness, get_service, readiness
-from app.serving.errors import ServingError, UnknownModel
+from app.serving.errors import ServingError
 from app.serving.registry import ModelEntry
 from app.serving.service import Service
 from app.v2 import contract, infer, schemas, tensors
-
-SERVER = "mae-serve"
-VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data"]
-PREFIX = "/v2"
+from app.v2.errors import PREFIX
 
 router = APIRouter(prefix=PREFIX, tags=["v2 (Open Inference Protocol)"])
 _keyed = [Depends(require_api_key)]
@@ -39,18 +35,6 @@ _keyed = [Depends(require_api_key)]
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": schemas.Error} for code in codes}
-
-
-def find(service: Service, name: str, version: str | None = None) -> ModelEntry:
-    """The model a v2 path names (the names of /v1/models); 404 for another name or version."""
-    try:
-        entry = service.model(name)
-    except UnknownModel as e:
-        raise APIError(404, e.code, str(e)) from None
-    if version not in (None, "", contract.VERSION):
-        why = f"model {name!r} has no version {version!r}; it has {contract.VERSION!r}"
-        raise APIError(404, "unknown_version", why)
-    return entry
 
 
 def model_metadata(entry: ModelEntry) -> dict[str, Any]:
@@ -67,7 +51,7 @@ def model_metadata(entry: ModelEntry) -> dict[str, Any]:
 @router.get("", summary="Server metadata", response_model=schemas.ServerMetadata, dependencies=_keyed,
             responses=_errors(401))  # fmt: skip
 async def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER, "version": VERSION, "extensions": EXTENSIONS}
+    return {"name": contract.SERVER, "version": contract.SERVER_VERSION, "extensions": contract.EXTENSIONS}
 
 
 @router.get("/health/live", summary="Live: the process answers", response_model=schemas.Live)
@@ -95,7 +79,7 @@ async def ready(r: Annotated[Readiness, Depends(readiness)]) -> Response:
 async def metadata(
     service: Annotated[Service, Depends(get_service)], model_name: str, model_version: str | None = None
 ) -> dict[str, Any]:
-    return model_metadata(find(service, model_name, model_version))
+    return model_metadata(contract.find(service, model_name, model_version))
 
 
 @router.get("/models/{model_name}/ready", summary="Model ready", response_model=schemas.ModelReady,
@@ -105,7 +89,7 @@ async def metadata(
 async def model_ready(
     service: Annotated[Service, Depends(get_service)], model_name: str, model_version: str | None = None
 ) -> dict[str, Any]:
-    return {"name": find(service, model_name, model_version).name, "ready": True}
+    return {"name": contract.find(service, model_name, model_version).name, "ready": True}
 
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -140,7 +124,7 @@ async def infer_route(
     model_name: str,
     model_version: str | None = None,
 ) -> Response:
-    entry = find(service, model_name, model_version)
+    entry = contract.find(service, model_name, model_version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise APIError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported: send it plain")
@@ -159,14 +143,3 @@ async def infer_route(
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={tensors.HEADER_LENGTH: str(json_length)})
-
-
-# ---------------------------------------------------------------------------------------------- the error shape
-class V2ErrorShape(ErrorShape):
-    """On /v2 paths, error answers in the protocol's shape: {"error": "<message>"}."""
-
-    def applies(self, path: str) -> bool:
-        return path == PREFIX or path.startswith(PREFIX + "/")
-
-    def shape(self, error: dict[str, Any], status: int) -> Any:
-        return {"error": error["message"]}
