@@ -8,7 +8,7 @@ The serving core raises its own exceptions, which know nothing of HTTP (`app.ser
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -93,6 +93,18 @@ def all_or_nothing(results: Sequence[T | APIError], label: str = "image {i}") ->
             raise r
         done.append(r)
     return done
+
+
+def one_or_each(results: Sequence[T | APIError], body: Callable[[T], Any]) -> Any:
+    """/v1's JSON answer (reconstruct, embed), per `per_image`'s results: one image -> its `body`, or its refusal
+    raised (the request answers that image's status); several -> a list in order, each image's `body` or, for a
+    refused one, its error's (ImageFailure), the request answering 200."""
+    if len(results) == 1:
+        only = results[0]
+        if isinstance(only, APIError):
+            raise only
+        return body(only)
+    return [r.body() if isinstance(r, APIError) else body(r) for r in results]
 
 
 def from_validation(errors: Sequence[Mapping[str, Any]]) -> APIError:

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Response
 
 from app.http.auth import require_api_key
-from app.http.errors import APIError, all_or_nothing, per_image
+from app.http.errors import APIError, all_or_nothing, one_or_each, per_image
 from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
 from app.http.params import EmbedParams, ParsedRequest, call_for, openapi_for
@@ -62,13 +62,7 @@ async def embed(
     )
     if p.format != "json":
         return _binary(all_or_nothing(results), p, has_cls)  # binary answers are all or nothing
-    first = results[0]
-    bodies = [r.body() if isinstance(r, APIError) else _json(r, p.pool) for r in results]
-    if len(call.images) == 1:
-        if isinstance(first, APIError):
-            raise first
-        return JSONAnswer(bodies[0])
-    return JSONAnswer(bodies)
+    return JSONAnswer(one_or_each(results, lambda r: _json(r, p.pool)))
 
 
 def _json(r: EmbedAnswer, pool: Pooling) -> dict[str, Any]:

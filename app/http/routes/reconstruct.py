@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 
 from app.http.auth import require_api_key
-from app.http.errors import APIError, per_image
+from app.http.errors import APIError, one_or_each, per_image
 from app.http.headers import answer_headers
 from app.http.jsonio import JSONAnswer
 from app.http.params import ParsedRequest, ReconstructParams, call_for, openapi_for
@@ -57,15 +57,11 @@ async def reconstruct(
         png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
         return Response(png, media_type="image/png", headers={**sha, **answer_headers(r, p.view)})
 
-    async def body(x: ReconstructAnswer | APIError) -> dict[str, Any]:
-        return x.body() if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
+    async def body(x: ReconstructAnswer | APIError) -> dict[str, Any] | APIError:
+        return x if isinstance(x, APIError) else await loop.run_in_executor(service.io_pool, _json, x)
 
-    bodies = await asyncio.gather(*map(body, results))  # several images: their PNGs encode side by side
-    if len(call.images) == 1:
-        if isinstance(results[0], APIError):
-            raise results[0]
-        return JSONAnswer(bodies[0], headers=sha)
-    return JSONAnswer(bodies, headers=sha)
+    encoded = await asyncio.gather(*map(body, results))  # several images: their PNGs encode side by side
+    return JSONAnswer(one_or_each(encoded, lambda d: d), headers=sha)
 
 
 def _json(r: ReconstructAnswer) -> dict[str, Any]:
