@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 
 from model.config import MAEConfig, get_config
 from model.mae import MAE
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
@@ -52,3 +56,16 @@ def weights(tmp_path_factory) -> Path:
     from tests.serving import make_weights
 
     return make_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def make_settings(weights: Path) -> Callable[..., Settings]:
+    """make_settings(**overrides): the Settings of an in-process service (app_client, live_server, create_app) that
+    serves the tests' tiny model (`weights`, or a module's own `weights` fixture); every other knob is its default
+    (or its MAE_* variable). A test serving other weights passes weights=..., or builds its Settings itself."""
+    from app.settings import Settings
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(**{"weights": str(weights), **overrides})
+
+    return make

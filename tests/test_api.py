@@ -25,8 +25,8 @@ VIEWS = ["paste", "reconstruction", "masked", "original", "grid", "error"]
 
 
 @pytest.fixture(scope="module")
-def client(weights):
-    with app_client(Settings(weights=str(weights), max_wait_ms=0)) as c:
+def client(make_settings):
+    with app_client(make_settings(max_wait_ms=0)) as c:
         yield c
 
 
@@ -233,8 +233,8 @@ def test_error_codes(client):
     assert_error(client.get("/v1/nothing"), 404, "not_found")
 
 
-def test_body_and_pixel_and_count_limits(weights):
-    s = Settings(weights=str(weights), max_body_bytes=4096, max_image_pixels=60 * 60, max_images_per_request=2)
+def test_body_and_pixel_and_count_limits(make_settings):
+    s = make_settings(max_body_bytes=4096, max_image_pixels=60 * 60, max_images_per_request=2)
     with app_client(s) as c:
         assert_error(post(c, "/v1/reconstruct", data=image_bytes(100, 100)), 413, "body_too_large")
         assert_error(post(c, "/v1/reconstruct", data=image_bytes(70, 60, fmt="JPEG")), 413, "too_many_pixels")
@@ -242,8 +242,8 @@ def test_body_and_pixel_and_count_limits(weights):
         assert_error(c.post("/v1/embed", files=files), 413, "too_many_images")
 
 
-def test_api_keys(weights):
-    with app_client(Settings(weights=str(weights), api_keys="k1,k2")) as c:
+def test_api_keys(make_settings):
+    with app_client(make_settings(api_keys="k1,k2")) as c:
         assert_error(post(c, "/v1/embed"), 401, "unauthorized")
         assert_error(
             c.post("/v1/embed", content=PNG, headers={"Content-Type": "image/png", "Authorization": "Bearer nope"}), 401
@@ -277,8 +277,8 @@ def batch_count() -> tuple[float, float]:
     return samples.get("mae_batch_size_count", 0.0), samples.get("mae_batch_size_sum", 0.0)
 
 
-def test_real_http_concurrent_requests_share_forward_passes(weights):
-    s = Settings(weights=str(weights), max_wait_ms=300, max_batch_size=8)
+def test_real_http_concurrent_requests_share_forward_passes(make_settings):
+    s = make_settings(max_wait_ms=300, max_batch_size=8)
     with live_server(s) as (url, _):
         before = batch_count()
 
@@ -301,7 +301,7 @@ def test_real_http_concurrent_requests_share_forward_passes(weights):
         assert 'mae_requests_total{route="/v1/reconstruct",status="200"}' in text
 
 
-def test_readiness_waits_for_loading(weights, monkeypatch):
+def test_readiness_waits_for_loading(make_settings, monkeypatch):
     import time as _time
 
     from app.serving.registry import Registry
@@ -313,7 +313,7 @@ def test_readiness_waits_for_loading(weights, monkeypatch):
         return real(settings)
 
     monkeypatch.setattr(Registry, "from_settings", staticmethod(slow))
-    with live_server(Settings(weights=str(weights)), wait_ready=False) as (url, _):
+    with live_server(make_settings(), wait_ready=False) as (url, _):
         first = httpx.get(url + "/readyz")
         assert first.status_code == 503 and first.json()["status"] == "loading"
         assert httpx.get(url + "/healthz").status_code == 200
@@ -336,10 +336,10 @@ def test_openapi_documents_bodies(client):
     json.dumps(spec)
 
 
-def test_client_library(weights):
+def test_client_library(make_settings):
     from client.mae_client import MAEClient, MAEError
 
-    with live_server(Settings(weights=str(weights))) as (url, _), MAEClient(url) as c:
+    with live_server(make_settings()) as (url, _), MAEClient(url) as c:
         png = c.reconstruct(PNG, mask_ratio=0.5, seed=3)
         assert png.startswith(b"\x89PNG")
         emb = c.embed(PNG, pool="all")
@@ -349,7 +349,7 @@ def test_client_library(weights):
         assert e.value.status == 415
 
 
-def test_a_jpeg_reaches_the_model_as_the_reference_preprocessing_gives_it(weights):
+def test_a_jpeg_reaches_the_model_as_the_reference_preprocessing_gives_it(make_settings):
     """Full decode + bicubic resize (the official demo's and Hugging Face's): the 'original' view is the model's input,
     pixel for pixel. MAE_JPEG_DRAFT (off by default) decodes at a reduced DCT scale and differs: the check can fail."""
     rng = np.random.default_rng(5)
@@ -366,5 +366,5 @@ def test_a_jpeg_reaches_the_model_as_the_reference_preprocessing_gives_it(weight
             assert r.status_code == 200, r.text
             return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
 
-    assert np.array_equal(original(Settings(weights=str(weights))), reference)
-    assert not np.array_equal(original(Settings(weights=str(weights), jpeg_draft=True)), reference)
+    assert np.array_equal(original(make_settings()), reference)
+    assert not np.array_equal(original(make_settings(jpeg_draft=True)), reference)

@@ -40,17 +40,16 @@ def test_onednn_linears_match_stock_pytorch():
 
 
 @pytest.mark.parametrize("kernels", ["stock", "onednn", "onednn-packed", "auto"])
-def test_compiled_stacks_answer_as_eager(weights, kernels):
+def test_compiled_stacks_answer_as_eager(make_settings, kernels):
     """MAE_COMPILE (torch.compile of the transformer stacks; inductor on this CPU): the same answers as eager, within
     fp32 rounding, whichever MAE_CPU_KERNELS is chosen (oneDNN's linear once broke inductor's lowering).
     reduce-overhead (CUDA graphs) needs a GPU and has not run here."""
-    from app.settings import Settings
     from tests.serving import app_client, image_bytes
 
     png = image_bytes(48, 40)
     answers = {}
     for mode in ("off", "default"):
-        with app_client(Settings(weights=str(weights), compile=mode, cpu_kernels=kernels, warmup=False)) as c:
+        with app_client(make_settings(compile=mode, cpu_kernels=kernels, warmup=False)) as c:
             params = {"format": "json", "seed": 5}
             r = c.post("/v1/reconstruct", params=params, content=png, headers={"Content-Type": "image/png"})
             e = c.post("/v1/embed", content=png, headers={"Content-Type": "image/png"})
@@ -74,13 +73,12 @@ def test_compiled_stacks_answer_as_eager(weights, kernels):
         (None, "default", ("MAE_COMPILE=default", "MAE_CPU_KERNELS=", "set MAE_COMPILE=off")),
     ],
 )
-def test_a_failed_warm_up_names_the_setting_to_change(weights, error, compile_mode, names):
+def test_a_failed_warm_up_names_the_setting_to_change(make_settings, error, compile_mode, names):
     """Start-up stops on a failed warm-up with one line that says where it failed and which MAE_* setting to change,
     not a bare exception class (a compile failure once left `InductorError: LoweringException: AssertionError:`)."""
     import torch._dynamo.exc
 
     from app.http.main import create_app
-    from app.settings import Settings
 
     planted = error if error is not None else torch._dynamo.exc.TorchRuntimeError("lowering failed")
     failures: list[str] = []
@@ -88,7 +86,7 @@ def test_a_failed_warm_up_names_the_setting_to_change(weights, error, compile_mo
     def forward(*_):  # type: ignore[no-untyped-def]
         raise planted
 
-    settings = Settings(weights=str(weights), compile=compile_mode, warmup=True)
+    settings = make_settings(compile=compile_mode, warmup=True)
     app = create_app(settings, forward=forward, load_in_background=False, on_load_failure=failures.append)
     with pytest.raises(ModelLoadError), TestClient(app):
         pass

@@ -25,7 +25,6 @@ import pytest
 from PIL import Image
 
 from app.serving import metrics, model_thread
-from app.settings import Settings
 from client.dataset import embed_dataset
 from client.mae_client import MAEClient, load_embeddings, load_index
 from tests.serving import counter_value, image_bytes, live_server
@@ -89,8 +88,8 @@ def one_by_one(url: str, good: dict[str, bytes], **params) -> dict[str, dict[str
 
 # ---------------------------------------------------------------------------------------------- in-process server
 @pytest.fixture(scope="module")
-def server(weights):
-    with live_server(Settings(weights=str(weights), warmup=False, log_level="warning")) as (url, _):
+def server(make_settings):
+    with live_server(make_settings(warmup=False, log_level="warning")) as (url, _):
         yield url
 
 
@@ -161,15 +160,13 @@ def test_list_and_tar_sources_float16_masked_equal_one_by_one(server, tmp_path):
     assert len(errors) == 1 and errors[0][0] == "src/missing.png" and errors[0][1].startswith("unreadable")
 
 
-def test_overloaded_server_completes_through_retries(server, weights, tmp_path):
+def test_overloaded_server_completes_through_retries(server, make_settings, tmp_path):
     def slow(entry, op, images, masking):
         time.sleep(0.03)  # 2 images / 30 ms; 6 in flight for a queue of 2
         return model_thread.forward(entry, op, images, masking)
 
     good, _ = make_dataset(tmp_path / "src", 24, bad=False)
-    s = Settings(
-        weights=str(weights), warmup=False, log_level="warning", max_batch_size=2, max_queue=2, retry_after_s=1
-    )
+    s = make_settings(warmup=False, log_level="warning", max_batch_size=2, max_queue=2, retry_after_s=1)
     with live_server(s, forward=slow) as (url, _):
         rejected = counter_value(metrics.REJECTS, "queue_full")
         before = images_total(url)
@@ -233,7 +230,7 @@ def kill_midway(url: str, src: Path, out: Path, sig: int, at_rows: int) -> tuple
 N_KILL, AT_ROWS = 80, 30
 
 
-def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, weights):
+def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, make_settings):
     make_dataset(tmp_path / "src", N_KILL, bad=False)
     (tmp_path / "src" / "part2" / "anim.gif").write_bytes(image_bytes(8, 8, fmt="GIF"))  # an error row, sent alone
 
@@ -242,7 +239,7 @@ def test_killed_midway_and_resumed_ends_as_an_uninterrupted_run(tmp_path, weight
         return model_thread.forward(entry, op, images, masking)
 
     # The server in this process (a thread); the CLI a real subprocess, signalled and killed.
-    settings = Settings(weights=str(weights), warmup=False, log_level="warning", max_batch_size=2)
+    settings = make_settings(warmup=False, log_level="warning", max_batch_size=2)
     with live_server(settings, forward=slow) as (url, _):
         src = tmp_path / "src"
         # batch cap 2: 2 images a request, 2 requests in flight, up to 2 x 2 chunks held: 8 images

@@ -323,9 +323,9 @@ def test_body_cap_with_content_length_and_counts(weights):
         answered(c.post("/v1/embed", json={"images": [base64.b64encode(small).decode()] * 4}), 200)
 
 
-def test_chunked_bodies_over_the_cap_through_a_real_server(weights):
+def test_chunked_bodies_over_the_cap_through_a_real_server(make_settings):
     """No Content-Length: the BodyGuard middleware counts the bytes as they arrive and answers 413 mid-stream."""
-    s = Settings(weights=str(weights), max_body_bytes=64 * 1024, log_level="warning")
+    s = make_settings(max_body_bytes=64 * 1024, log_level="warning")
     with live_server(s) as (url, _), httpx.Client(base_url=url, timeout=20) as h:
         sent = collections.Counter()
 
@@ -457,10 +457,10 @@ def test_deadline_header_junk(client):
 
 
 @pytest.mark.parametrize("http,oversized", [("h11", b"HTTP/1.1 400"), ("httptools", b"HTTP/1.1 431")])
-def test_huge_request_heads_through_a_real_server(weights, http, oversized):
+def test_huge_request_heads_through_a_real_server(make_settings, http, oversized):
     """An oversized request head is refused before the app sees it: h11 stops at its own limit (400), the guarded
     httptools protocol (which has none) at MAE_MAX_HEADER_BYTES (431); a TLS hello is a 400 from either."""
-    with live_server(Settings(weights=str(weights), log_level="critical", http=http)) as (url, _):
+    with live_server(make_settings(log_level="critical", http=http)) as (url, _):
         host, port = url.removeprefix("http://").split(":")
 
         def status_of(request: bytes) -> bytes:

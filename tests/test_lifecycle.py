@@ -17,7 +17,6 @@ import httpx
 import pytest
 import torch
 
-from app.settings import Settings
 from tests.harness import ServerProcess
 from tests.serving import app_client, assert_error, image_bytes, server_process
 
@@ -87,13 +86,13 @@ def test_sigterm_under_load_drains_and_exits_0(weights):
         srv.kill()
 
 
-def test_draining_flag_is_set_synchronously_by_the_signal_handler(weights):
+def test_draining_flag_is_set_synchronously_by_the_signal_handler(make_settings):
     """What makes /readyz 503 'at once': the handler itself marks the app draining, before uvicorn's next tick."""
     import uvicorn
 
     from app.http.server import Server
 
-    with app_client(Settings(weights=str(weights))) as c:
+    with app_client(make_settings()) as c:
         assert c.get("/readyz").status_code == 200
         srv = Server(uvicorn.Config(c.app), c.app.state.readiness, drain_s=20)
         srv.handle_exit(signal.SIGTERM, None)
@@ -170,10 +169,10 @@ def fake_oom(monkeypatch, model, fail_at: int) -> list[int]:
     return tried
 
 
-def test_out_of_memory_splits_the_batch_then_answers_503(weights, monkeypatch):
+def test_out_of_memory_splits_the_batch_then_answers_503(make_settings, monkeypatch):
     # The 4 images make one batch: the engine waits for images still being decoded until each is queued (a race
     # there split them 3 + 1 under load: tests/test_engine.py pins it).
-    s = Settings(weights=str(weights), max_batch_size=4, max_wait_ms=500, warmup=False)
+    s = make_settings(max_batch_size=4, max_wait_ms=500, warmup=False)
     body = {"images": [base64.b64encode(image_bytes(seed=i)).decode() for i in range(4)], "seed": 3, "format": "json"}
     with app_client(s) as c:
         reference = c.post("/v1/reconstruct", json=body)

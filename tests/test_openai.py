@@ -151,10 +151,10 @@ def origin() -> Iterator[Origin]:
 
 
 @pytest.fixture(scope="module")
-def server(weights, origin):
+def server(make_settings, origin):
     """API keys on; URLs allowed from 127.0.0.1 (named, so reachable although loopback) with tight limits."""
-    s = Settings(
-        weights=str(weights), api_keys=KEY, max_wait_ms=0, max_images_per_request=4, log_level="critical",
+    s = make_settings(
+        api_keys=KEY, max_wait_ms=0, max_images_per_request=4, log_level="critical",
         url_fetch_hosts="127.0.0.1", url_fetch_max_bytes=64 * 1024, url_fetch_timeout_s=1.0, url_fetch_max_redirects=2,
     )  # fmt: skip
     with live_server(s) as (url, _):
@@ -253,7 +253,7 @@ def test_sdk_typed_errors_carry_our_messages(server):
 
 
 @pytest.mark.integration
-def test_sdk_overload_is_503_with_retry_after(weights):
+def test_sdk_overload_is_503_with_retry_after(make_settings):
     """The model held; more requests than the queue takes: the refused ones are APIStatusError 503, overloaded."""
     entered, release = threading.Event(), threading.Event()
     from app.serving import model_thread
@@ -263,7 +263,7 @@ def test_sdk_overload_is_503_with_retry_after(weights):
         release.wait(30)
         return model_thread.forward(*args, **kw)
 
-    s = Settings(weights=str(weights), max_wait_ms=0, max_queue=1, max_batch_size=1, cpu_max_batch_size=1,
+    s = make_settings(max_wait_ms=0, max_queue=1, max_batch_size=1, cpu_max_batch_size=1,
                  warmup=False, log_level="critical")  # fmt: skip
     with live_server(s, forward=held) as (url, _):
         c = client(url)
@@ -410,8 +410,8 @@ def test_decimal_name_resolving_to_loopback_is_refused():
 
 
 @pytest.fixture(scope="module")
-def app(weights):
-    s = Settings(weights=str(weights), max_wait_ms=0, max_images_per_request=4, max_body_bytes=256 * 1024,
+def app(make_settings):
+    s = make_settings(max_wait_ms=0, max_images_per_request=4, max_body_bytes=256 * 1024,
                  log_level="critical")  # fmt: skip
     with app_client(s) as c:
         yield c

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from app.serving import metrics, model_thread
-from app.settings import Settings
 from tests.serving import assert_error, counter_value, image_bytes, live_server
 
 pytestmark = pytest.mark.integration
@@ -68,9 +67,9 @@ def open_loop(url: str, rate: float, seconds: float) -> list[tuple]:
 
 
 @pytest.mark.soak
-def test_overload_every_request_answered_and_the_queue_bounded(weights, slow_model):
-    s = Settings(
-        weights=str(weights), max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE, max_wait_ms=1, warmup=False,
+def test_overload_every_request_answered_and_the_queue_bounded(make_settings, slow_model):
+    s = make_settings(
+        max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE, max_wait_ms=1, warmup=False,
         retry_after_s=1, log_level="warning",
     )  # fmt: skip
     with live_server(s, forward=slow_model.forward) as (url, server):
@@ -116,9 +115,9 @@ def test_overload_every_request_answered_and_the_queue_bounded(weights, slow_mod
         assert httpx.get(url + "/readyz").status_code == 200
 
 
-def test_deadline_passed_in_the_queue_is_504_and_never_computed(weights, slow_model):
+def test_deadline_passed_in_the_queue_is_504_and_never_computed(make_settings, slow_model):
     slow_model.delay = 0.4  # the first request holds the model for 0.4 s
-    s = Settings(weights=str(weights), max_batch_size=1, max_wait_ms=0, warmup=False, log_level="warning")
+    s = make_settings(max_batch_size=1, max_wait_ms=0, warmup=False, log_level="warning")
     with (
         live_server(s, forward=slow_model.forward) as (url, _),
         httpx.Client(base_url=url, timeout=30) as h,

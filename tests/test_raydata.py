@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.settings import Settings
 from client.mae_client import MAEClient
 from tests.harness import free_port
 from tests.serving import image_bytes, live_server
@@ -150,8 +149,8 @@ def cluster(s3) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def reference(weights) -> Iterator[str]:
-    with live_server(Settings(weights=str(weights), warmup=False, log_level="warning")) as (url, _):
+def reference(make_settings) -> Iterator[str]:
+    with live_server(make_settings(warmup=False, log_level="warning")) as (url, _):
         yield url
 
 

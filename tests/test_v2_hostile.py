@@ -19,7 +19,6 @@ from tritonclient.grpc import service_pb2 as pb
 
 from app.http.errors import APIError
 from app.http.main import create_app
-from app.settings import Settings
 from app.v2 import tensors
 from app.v2.tensors import HEADER_LENGTH, join_bytes
 from tests.harness import ServerProcess, free_port
@@ -49,8 +48,8 @@ def binary(head: dict | bytes, raw: bytes, length: int | str | None = None) -> t
 
 
 @pytest.fixture(scope="module")
-def client(weights):
-    s = Settings(weights=str(weights), max_wait_ms=0, max_images_per_request=4, max_body_bytes=2 * 1024 * 1024,
+def client(make_settings):
+    s = make_settings(max_wait_ms=0, max_images_per_request=4, max_body_bytes=2 * 1024 * 1024,
                  max_param_bytes=1024)  # fmt: skip
     with TestClient(create_app(s, load_in_background=False), raise_server_exceptions=False) as c:
         yield c

@@ -18,7 +18,6 @@ from tritonclient.grpc import service_pb2 as pb
 
 from app.http.main import create_app
 from app.serving import model_thread
-from app.settings import Settings
 from app.v2.tensors import HEADER_LENGTH, join_bytes
 from tests.harness import ServerProcess, free_port, metric_value
 from tests.serving import image_bytes, live_server, server_process
@@ -48,7 +47,7 @@ def wait_for(url: str, text: str, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
+def test_a_v1_and_a_v2_request_share_one_forward_pass(make_settings):
     """While the model is busy, a /v1/embed and a /v2 infer (embedding outputs: the same engine key) queue up and
     the next forward pass serves both: batches of [1, 2], and each answer equals the one it gets alone."""
     batches: list[int] = []
@@ -60,7 +59,7 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
             release.wait(20)  # the first batch holds the model until both requests are queued
         return model_thread.forward(entry, op, images, masking)
 
-    s = Settings(weights=str(weights), max_wait_ms=0, max_batch_size=8, warmup=False)
+    s = make_settings(max_wait_ms=0, max_batch_size=8, warmup=False)
     with live_server(s, forward=forward) as (url, _):
         results: dict[str, httpx.Response] = {}
 
@@ -99,7 +98,7 @@ def test_a_v1_and_a_v2_request_share_one_forward_pass(weights):
         np.testing.assert_allclose(v1_cls, alone["cls"], rtol=1e-5, atol=1e-5)
 
 
-def test_both_kinds_of_output_decode_each_image_once_on_one_mask(weights, monkeypatch):
+def test_both_kinds_of_output_decode_each_image_once_on_one_mask(make_settings, monkeypatch):
     """outputs=[cls, mask, paste]: the encoder pass and the full pass run on one decode of each image, on the same mask,
     and answer as /v1/embed and /v1/reconstruct do with that mask."""
     from app.serving import imaging
@@ -108,7 +107,7 @@ def test_both_kinds_of_output_decode_each_image_once_on_one_mask(weights, monkey
     real = imaging.decode
     monkeypatch.setattr(imaging, "decode", lambda data, *a, **k: decodes.append(len(data)) or real(data, *a, **k))
     other = image_bytes(40, 56, seed=1)
-    with TestClient(create_app(Settings(weights=str(weights), warmup=False), load_in_background=False)) as c:
+    with TestClient(create_app(make_settings(warmup=False), load_in_background=False)) as c:
         body, headers = v2_body(PNG, other, outputs=("cls", "mask", "mse"), mask_ratio=0.5, seed=4)
         r = c.post("/v2/models/tiny/infer", content=body, headers=headers)
         assert r.status_code == 200, r.text
@@ -222,8 +221,8 @@ def test_a_grpc_port_already_taken_exits_1_with_one_line(weights):
 
 
 # ------------------------------------------------------------------------------------------------ limits, docs
-def test_service_limits_answer_in_the_v2_shape(weights):
-    s = Settings(weights=str(weights), max_body_bytes=4096, api_keys="k", max_wait_ms=0)
+def test_service_limits_answer_in_the_v2_shape(make_settings):
+    s = make_settings(max_body_bytes=4096, api_keys="k", max_wait_ms=0)
     with TestClient(create_app(s, load_in_background=False), raise_server_exceptions=False) as c:
         key = {"Authorization": "Bearer k"}
         big = c.post("/v2/models/tiny/infer", content=b"x" * 5000, headers=key)  # BodyGuard, before any route

@@ -70,14 +70,13 @@ def test_workers_answer_as_one_process_does(weights):
     assert metric_value(m, "mae_images_total", op="embed") == 2  # counted in the model process, seen by a worker
 
 
-def test_a_worker_joining_a_serving_model_process_is_ready_before_it_accepts(weights, tmp_path):
+def test_a_worker_joining_a_serving_model_process_is_ready_before_it_accepts(make_settings, tmp_path):
     """A worker (re)started while the others serve must not take connections it can only answer 503."""
     from app.http.main import create_app
     from app.serving import model_thread, service
     from app.serving.remote import EngineServer
-    from app.settings import Settings
 
-    settings = Settings(weights=str(weights), device="cpu", warmup=False)
+    settings = make_settings(device="cpu", warmup=False)
     address = f"ipc://{tmp_path}/engine"
 
     async def join() -> object:
