@@ -254,7 +254,7 @@ def pipeline_ceiling(
                     return dumps({"cls": r.cls})
                 from app.serving.pipeline import ReconstructAnswer
 
-                return render.encode_png(render.view(ReconstructAnswer(entry, image, r, 3), "paste"))
+                return render.encode_png(render.view(ReconstructAnswer.of(entry, image, r, 3), "paste"))
 
             t0 = time.perf_counter()
             pending = []

@@ -31,7 +31,7 @@ def answer(dim: int, grid: int) -> EmbedAnswer:
     tokens = rng.standard_normal((n + 1, dim), dtype=np.float32)
     e = Embedding(tokens[0], tokens[1:].mean(0), tokens[1:], np.arange(n, dtype=np.int64), (grid, grid))
     model = SimpleNamespace(name="vit-b", config=SimpleNamespace(num_patches=n))
-    return EmbedAnswer(model, e, None)  # type: ignore[arg-type]
+    return EmbedAnswer.of(model, e, None)  # type: ignore[arg-type]
 
 
 def stdlib(body: dict[str, Any]) -> bytes:

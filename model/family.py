@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
@@ -71,23 +72,24 @@ class MaskedAutoencoder(Protocol):
 
 
 class PatchGrid:
-    """For a config with img_size, patch_size and in_chans: the patch grid it implies."""
+    """For a config with img_size, patch_size and in_chans: the patch grid it implies (worked out on first use and
+    kept: a request reads these as attributes)."""
 
     img_size: int
     patch_size: int
     in_chans: int
 
-    @property
+    @cached_property
     def grid_size(self) -> tuple[int, int]:
         n = self.img_size // self.patch_size
         return (n, n)
 
-    @property
+    @cached_property
     def num_patches(self) -> int:
         h, w = self.grid_size
         return h * w
 
-    @property
+    @cached_property
     def patch_dim(self) -> int:
         return self.patch_size**2 * self.in_chans
 
@@ -96,8 +98,11 @@ C = TypeVar("C", bound=ModelConfig)
 
 
 class PatchModel(nn.Module, Generic[C]):
-    """Patches, pixel spaces and the decoder check, for both families. Subclasses set `config` and call
-    `register_pixel_stats` in their __init__."""
+    """Patches, pixel spaces, the decoder check and the two serving entry points, for both families.
+
+    `encode` and `reconstruct` are written here once: pixels in [0, 1] -> the model's input space -> the family's
+    own pass (`forward_embeddings`, `forward_prediction`) -> typed outputs. Subclasses set `config`, call
+    `register_pixel_stats` in their __init__ and implement the two passes."""
 
     family: ClassVar[str]
     config: C
@@ -136,6 +141,39 @@ class PatchModel(nn.Module, Generic[C]):
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.pixel_std.to(x.dtype) + self.pixel_mean.to(x.dtype)
+
+    # ------------------------------------------------------------------ serving entry points
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
+        """Images in [0, 1] -> CLS and patch embeddings after the encoder's final norm. Never runs the decoder.
+
+        Without a masking every patch is encoded. Patch tokens come back in raster order."""
+        return self.forward_embeddings(self.normalize(images), masking)
+
+    @torch.inference_mode()
+    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
+        """Images in [0, 1] -> predictions for every patch and the images a viewer wants."""
+        self.require_decoder()
+        imgs = self.normalize(images)
+        pred, mask, grid = self.forward_prediction(imgs, masking)
+        patches = pred
+        if self.config.norm_pix_loss:
+            # Undo the per-patch standardisation with each patch's own statistics (see ReconstructBatch).
+            target = self.patchify(imgs)
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            patches = pred * (var + 1.0e-6) ** 0.5 + mean
+        return self.viewer_output(images, patches, pred, mask, grid)
+
+    def forward_embeddings(self, imgs: torch.Tensor, masking: Masking | None) -> EncodeBatch:
+        """Input-space images -> the encoder's tokens (the family's pass behind `encode`)."""
+        raise NotImplementedError
+
+    def forward_prediction(
+        self, imgs: torch.Tensor, masking: Masking
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Input-space images -> (the decoder's prediction for every patch (N, L, p*p*C) in the model's target
+        space, the mask (N, L), 1 = masked, the patch grid): the family's pass behind `reconstruct`."""
+        raise NotImplementedError
 
     def viewer_output(
         self, images: torch.Tensor, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]

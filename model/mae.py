@@ -15,7 +15,7 @@ from torch import nn
 from model.config import MAEConfig
 from model.family import PatchModel
 from model.masking import Masking, no_masking
-from model.outputs import EncodeBatch, ReconstructBatch
+from model.outputs import EncodeBatch
 from model.pos_embed import interpolate_pos_embed, sincos_2d
 
 
@@ -139,6 +139,8 @@ class MAE(PatchModel[MAEConfig]):
         n, length, dim = x.shape
         if masking.noise.shape != (n, length):
             raise ValueError(f"noise {tuple(masking.noise.shape)} does not match tokens {(n, length)}")
+        if not 0 < masking.len_keep <= length:
+            raise ValueError(f"len_keep must be in 1..{length}, got {masking.len_keep}")
         noise = masking.noise.to(x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -149,10 +151,14 @@ class MAE(PatchModel[MAEConfig]):
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
 
+    def _pos_embed_at(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """A position table at `grid`: itself at the trained grid, else interpolated (model.pos_embed)."""
+        return table if grid == self.config.grid_size else interpolate_pos_embed(table, grid)
+
     def forward_encoder(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images -> latent (N, 1 + len_keep, D) after the final norm, mask, ids_restore."""
         grid = self.grid_for(imgs)
-        pos = interpolate_pos_embed(self.pos_embed, grid)
+        pos = self._pos_embed_at(self.pos_embed, grid)
         x = self.patch_embed(imgs) + pos[:, 1:]
         x, mask, ids_restore = self.random_masking(x, masking)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
@@ -162,15 +168,15 @@ class MAE(PatchModel[MAEConfig]):
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Latent of visible patches -> pixel predictions for every patch (N, L, p*p*C), raster order."""
-        self.require_decoder()
+        """Latent of visible patches -> pixel predictions for every patch (N, L, p*p*C), raster order (a model with
+        a decoder: `forward` and `reconstruct` check)."""
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # unshuffle
         x = torch.cat([x[:, :1], x_], dim=1)
-        x = x + interpolate_pos_embed(self.decoder_pos_embed, grid)
+        x = x + self._pos_embed_at(self.decoder_pos_embed, grid)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -192,6 +198,7 @@ class MAE(PatchModel[MAEConfig]):
 
     def forward(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training step on normalised images: (loss, pred, mask), as the official forward."""
+        self.require_decoder()
         latent, mask, ids_restore = self.forward_encoder(imgs, masking)
         pred = self.forward_decoder(latent, ids_restore, self.grid_for(imgs))
         return self.forward_loss(imgs, pred, mask), pred, mask
@@ -200,13 +207,8 @@ class MAE(PatchModel[MAEConfig]):
     def loss(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
         return self(imgs, masking)[0]
 
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
-        """Images in [0, 1] -> CLS and patch embeddings after the final norm. Never runs the decoder.
-
-        Without a masking every patch is encoded. Patch tokens come back in raster order.
-        """
-        imgs = self.normalize(images)
+    def forward_embeddings(self, imgs: torch.Tensor, masking: Masking | None) -> EncodeBatch:
+        """Normalised images -> CLS and patch tokens after the final norm, patches in raster order (`encode`)."""
         grid = self.grid_for(imgs)
         if masking is None:
             masking = no_masking(grid[0] * grid[1], imgs.shape[0])
@@ -216,18 +218,10 @@ class MAE(PatchModel[MAEConfig]):
         patches = torch.gather(latent[:, 1:], 1, order[..., None].expand(-1, -1, latent.shape[-1]))
         return EncodeBatch(cls=latent[:, 0], patches=patches, patch_indices=torch.gather(ids_keep, 1, order), grid=grid)
 
-    @torch.inference_mode()
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
-        """Images in [0, 1] -> predictions for every patch and the images a viewer wants."""
-        self.require_decoder()
-        imgs = self.normalize(images)
+    def forward_prediction(
+        self, imgs: torch.Tensor, masking: Masking
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Normalised images -> (the decoder's prediction for every patch, the mask, the grid) (`reconstruct`)."""
         grid = self.grid_for(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, masking)
-        pred = self.forward_decoder(latent, ids_restore, grid)
-        patches = pred
-        if self.config.norm_pix_loss:
-            # Undo the per-patch standardisation with each patch's own statistics (see ReconstructBatch).
-            target = self.patchify(imgs)
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            patches = pred * (var + 1.0e-6) ** 0.5 + mean
-        return self.viewer_output(images, patches, pred, mask, grid)
+        return self.forward_decoder(latent, ids_restore, grid), mask, grid

@@ -12,7 +12,7 @@ keeps them as properties for evaluation and tests.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -78,11 +78,11 @@ class Reconstruction:
     mse: float  # mean over masked patches (0 when nothing is masked)
     grid: tuple[int, int]
     patch_size: int
+    # PSNR over the masked patches (`psnr`); None when no patch is masked: there is nothing to measure.
+    psnr: float | None = field(init=False)
 
-    @property
-    def psnr(self) -> float | None:
-        """PSNR over the masked patches (`psnr`); None when no patch is masked: there is nothing to measure."""
-        return psnr(self.mse) if bool(self.mask.any()) else None
+    def __post_init__(self) -> None:  # worked out with the answer, so readers take a field
+        object.__setattr__(self, "psnr", psnr(self.mse) if bool(self.mask.any()) else None)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 
 from model.family import PatchGrid, PatchModel
 from model.masking import Masking, no_masking
-from model.outputs import EncodeBatch, ReconstructBatch
+from model.outputs import EncodeBatch
 
 FAMILY = "vit-pytorch"
 LAYER_NORM_EPS = 1e-5  # torch's default, which vit-pytorch uses everywhere
@@ -201,6 +201,8 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
         """Our masking -> (visible ids, masked ids) in noise order: vit-pytorch's (unmasked, masked) sets."""
         if masking.noise.shape != (n, length):
             raise ValueError(f"noise {tuple(masking.noise.shape)} does not match tokens {(n, length)}")
+        if not 0 < masking.len_keep <= length:
+            raise ValueError(f"len_keep must be in 1..{length}, got {masking.len_keep}")
         ids_shuffle = torch.argsort(masking.noise.to(device), dim=1)
         return ids_shuffle[:, : masking.len_keep], ids_shuffle[:, masking.len_keep :]
 
@@ -208,6 +210,9 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
     def forward(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input-space images -> (loss, pred for every patch (N, L, p*p*C) in raster order, mask (N, L))."""
         self.require_decoder()
+        return self._mae_pass(imgs, masking)
+
+    def _mae_pass(self, imgs: torch.Tensor, masking: Masking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         patches, tokens = self._patch_tokens(imgs)
         n, length, dim = tokens.shape
         visible, masked = self._split(masking, n, length, tokens.device)
@@ -231,14 +236,12 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
         return self(imgs, masking)[0]
 
     # ------------------------------------------------------------------ serving entry points
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, masking: Masking | None = None) -> EncodeBatch:
-        """Images in [0, 1] -> tokens after the encoder's final norm, as `ViT.forward` computes them.
+    def forward_embeddings(self, imgs: torch.Tensor, masking: Masking | None) -> EncodeBatch:
+        """Input-space images -> tokens after the encoder's final norm, as `ViT.forward` computes them (`encode`).
 
         CLS (pool='cls') is prepended as in ViT.forward; for pool='mean' `cls` is None. With a masking only the
         visible patches are encoded. Patch tokens come back in raster order.
         """
-        imgs = self.normalize(images)
         _, tokens = self._patch_tokens(imgs)
         n, length, dim = tokens.shape
         if masking is None:
@@ -254,14 +257,14 @@ class VitPytorchMAE(PatchModel[VitPytorchConfig]):
             cls=x[:, 0] if n_cls else None, patches=x[:, n_cls:], patch_indices=keep, grid=self.config.grid_size
         )
 
-    @torch.inference_mode()
-    def reconstruct(self, images: torch.Tensor, masking: Masking) -> ReconstructBatch:
-        """Images in [0, 1] -> every patch's prediction and the images a viewer wants (as MAE.reconstruct)."""
-        self.require_decoder()
-        imgs = self.normalize(images)
+    def forward_prediction(
+        self, imgs: torch.Tensor, masking: Masking
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Input-space images -> (every patch's prediction, the mask) (`reconstruct`; vit-pytorch's target is raw
+        input-space patches, so the prediction is also the viewer's patches)."""
         grid = self.grid_for(imgs)
-        _, pred, mask = self(imgs, masking)
-        return self.viewer_output(images, pred, pred, mask, grid)
+        _, pred, mask = self._mae_pass(imgs, masking)
+        return pred, mask, grid
 
 
 # ---------------------------------------------------------------------------------------------- masking

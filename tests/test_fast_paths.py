@@ -51,7 +51,7 @@ def test_uint8_views_equal_the_float_views_quantised():
     masking = Masking(random_noise(2, 16, seed=4), 5)
     out = model.reconstruct(x, masking)
     for i, r in enumerate(out.unbatch()):
-        rec = ReconstructAnswer(entry, u8[i], r, seed=4)
+        rec = ReconstructAnswer.of(entry, u8[i], r, seed=4)
         for name, want in (("original", x), ("reconstruction", out.reconstruction), ("paste", out.paste),
                            ("masked", out.masked)):  # fmt: skip
             ref = to_uint8(want[i]).permute(1, 2, 0).numpy()

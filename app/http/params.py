@@ -120,11 +120,8 @@ class ParsedRequest(Generic[P]):
     images: list[bytes]
     model: ModelEntry
     seed: int  # the request's seed, or one drawn for it
+    mask: MaskSpec  # which patches to hide: the params' explicit mask, or their ratio drawn from `seed`
     deadline: float | None  # time.monotonic() past which the client no longer wants the answer
-
-    @property
-    def mask(self) -> MaskSpec:
-        return self.params.mask_spec(self.seed)
 
 
 def call_for(cls: type[P]) -> Callable[..., Awaitable[ParsedRequest[P]]]:
@@ -135,7 +132,8 @@ def call_for(cls: type[P]) -> Callable[..., Awaitable[ParsedRequest[P]]]:
         s = service.settings
         params = parse(cls, _query(request), fields, service.registry.max_patches, s.max_param_bytes)
         seed = params.seed if params.seed is not None else draw_seed()
-        return ParsedRequest(params, images, service.model(params.model), seed, deadline_of(request))
+        model = service.model(params.model)
+        return ParsedRequest(params, images, model, seed, params.mask_spec(seed), deadline_of(request))
 
     return dependency
 

@@ -177,3 +177,10 @@ def preprocess(im: Image.Image, size: int, mode: ResizeMode = "squash") -> np.nd
         raise ValueError(f"unknown resize mode {mode!r}")
     # numpy, not torch: a torch op would start an OpenMP team in this I/O thread (see app.serving.model_thread)
     return np.asarray(out, dtype=np.uint8)
+
+
+def load(
+    data: bytes, size: int, mode: ResizeMode, max_pixels: int, min_side: int | None = None, max_jpeg_scans: int = 32
+) -> np.ndarray:
+    """Encoded bytes -> the model's uint8 input (size, size, 3): `decode`, then `preprocess`."""
+    return preprocess(decode(data, max_pixels, min_side=min_side, max_jpeg_scans=max_jpeg_scans), size, mode)

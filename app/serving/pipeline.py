@@ -23,7 +23,7 @@ from app.serving.service import Service
 from app.settings import Settings
 from client.vocabulary import ResizeMode
 from model.family import ModelConfig
-from model.masking import Masking, explicit_masking, len_keep_for_ratio, random_noise
+from model.masking import Masking, explicit_masking, random_masking_spec
 from model.outputs import Embedding, Reconstruction
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class MaskSpec:
                 raise BadMask(str(e)) from None
         if self.ratio == 0 and encoder_only:
             return None
-        return Masking(random_noise(1, num_patches, seed=self.seed), len_keep_for_ratio(num_patches, self.ratio))
+        return random_masking_spec(num_patches, self.ratio, self.seed)
 
     @property
     def drawn_seed(self) -> int | None:
@@ -54,25 +54,23 @@ class MaskSpec:
         return None if self.indices is not None else self.seed
 
 
+# The answers carry every fact a front-end reports as a plain field, worked out here once: a front-end reads them
+# without calling back into this module.
 @dataclass(frozen=True)
 class ReconstructAnswer:
     model: ModelEntry
     image: np.ndarray  # (H, W, 3) uint8: the model's input, the "original" view
     out: Reconstruction
     seed: int | None  # None for an explicit mask
+    mask_indices: list[int]  # the masked patches, raster order
+    mask_ratio: float  # the fraction of patches actually masked
+    patch_size: int
 
-    @property
-    def mask_indices(self) -> list[int]:
-        return np.flatnonzero(self.out.mask).tolist()
-
-    @property
-    def mask_ratio(self) -> float:
-        """The fraction of patches actually masked."""
-        return int(self.out.mask.sum()) / self.model.config.num_patches
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.config.patch_size
+    @classmethod
+    def of(cls, entry: ModelEntry, image: np.ndarray, out: Reconstruction, seed: int | None) -> ReconstructAnswer:
+        c = entry.config
+        masked = np.flatnonzero(out.mask).tolist()
+        return cls(entry, image, out, seed, masked, len(masked) / c.num_patches, c.patch_size)
 
 
 @dataclass(frozen=True)
@@ -80,10 +78,11 @@ class EmbedAnswer:
     model: ModelEntry
     out: Embedding
     seed: int | None  # None when no random mask was drawn
+    mask_ratio: float  # the fraction of patches not encoded
 
-    @property
-    def mask_ratio(self) -> float:
-        return 1 - self.out.patches.shape[0] / self.model.config.num_patches
+    @classmethod
+    def of(cls, entry: ModelEntry, out: Embedding, seed: int | None) -> EmbedAnswer:
+        return cls(entry, out, seed, 1 - out.patches.shape[0] / entry.config.num_patches)
 
 
 async def reconstruct(
@@ -92,7 +91,7 @@ async def reconstruct(
     _require_decoder(entry)
     image, (out,) = await _run(service, entry, ("reconstruct",), data, mask, resize, deadline)
     assert isinstance(out, Reconstruction)
-    return ReconstructAnswer(entry, image, out, mask.drawn_seed)
+    return ReconstructAnswer.of(entry, image, out, mask.drawn_seed)
 
 
 async def embed(
@@ -110,7 +109,7 @@ async def reconstruct_and_embed(
     _require_decoder(entry)
     image, (rec, emb) = await _run(service, entry, ("reconstruct", "embed"), data, mask, resize, deadline)
     assert isinstance(rec, Reconstruction) and isinstance(emb, Embedding)
-    return ReconstructAnswer(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
+    return ReconstructAnswer.of(entry, image, rec, mask.drawn_seed), _embedded(entry, emb, mask)
 
 
 def _require_decoder(entry: ModelEntry) -> None:
@@ -126,7 +125,7 @@ def require_cls(entry: ModelEntry) -> None:
 
 def _embedded(entry: ModelEntry, out: Embedding, mask: MaskSpec) -> EmbedAnswer:
     drew = mask.indices is None and mask.ratio != 0
-    return EmbedAnswer(entry, out, mask.seed if drew else None)
+    return EmbedAnswer.of(entry, out, mask.seed if drew else None)
 
 
 async def _run(
@@ -171,8 +170,7 @@ def prepare_image(data: bytes, size: int, resize: ResizeMode, s: Settings) -> np
         device = jpeg_gpu.decode_device(s.device)
         return jpeg_gpu.decode_preprocess(data, size, resize, device, s.max_image_pixels, s.max_jpeg_scans)
     draft = size if s.jpeg_draft else None  # MAE_JPEG_DRAFT: a reduced DCT scale, never below the model's size
-    im = imaging.decode(data, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
-    return imaging.preprocess(im, size, resize)
+    return imaging.load(data, size, resize, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
 
 
 async def each_image(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class ModelEntry:
     dtype: torch.dtype
     random_init: bool = False
 
-    @property
+    @cached_property
     def config(self) -> ModelConfig:
         return self.model.config
 
@@ -100,17 +101,14 @@ class Registry:
             raise ModelLoadError("no models configured")
         self.entries = entries
         self.default = next(iter(entries))
+        # The largest patch count of the loaded models: no mask may name more patches than this.
+        self.max_patches = max(e.config.num_patches for e in entries.values())
 
     def get(self, name: str | None) -> ModelEntry:
         return self.entries[name or self.default]
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
-
-    @property
-    def max_patches(self) -> int:
-        """The largest patch count of the loaded models: no mask may name more patches than this."""
-        return max(e.config.num_patches for e in self.entries.values())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
