@@ -66,6 +66,14 @@ class Settings(BaseSettings):
         description="how long a partial batch waits for images still being decoded; a lone request never waits",
     )
     max_queue: int = Field(256, ge=1, description="images waiting for the model; beyond this: 503 Retry-After")
+    model_instances: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches computed side by side, each on its own model thread (Triton's instance count); on a "
+        "CPU each gets the torch threads divided among them. 0 = auto: one on a GPU; on a CPU one, or one per torch "
+        "thread, whichever a timing of the model at start (with images decoding beside it) finds faster (cached)",
+    )
     io_threads: int = Field(4, ge=1, le=64, description="threads decoding and encoding images")
 
     # --- limits on input

@@ -20,16 +20,12 @@ EMBED_MASK_RATIO = 0.0
 
 @dataclass(frozen=True)
 class Masking:
-    """Per-image noise (N, L) and the number of patches kept. Images batch together iff len_keep agrees."""
+    """Per-image noise (N, L) and the number of patches kept. Images batch together iff len_keep agrees: a batch's
+    masking is `Masking(torch.cat(noises), len_keep)`. The functions below make valid ones; the model checks the
+    noise against its tokens and len_keep against 1..L where it applies them."""
 
     noise: torch.Tensor
     len_keep: int
-
-    def __post_init__(self) -> None:
-        if self.noise.ndim != 2:
-            raise ValueError(f"noise must be (N, L), got {tuple(self.noise.shape)}")
-        if not 0 < self.len_keep <= self.noise.shape[1]:
-            raise ValueError(f"len_keep must be in 1..{self.noise.shape[1]}, got {self.len_keep}")
 
     @property
     def num_patches(self) -> int:
@@ -45,13 +41,6 @@ class Masking:
     def masked_indices(self) -> list[list[int]]:
         """Per image, the sorted raster indices of the masked patches."""
         return [torch.nonzero(row, as_tuple=True)[0].tolist() for row in self.mask()]
-
-    @staticmethod
-    def cat(maskings: Sequence[Masking]) -> Masking:
-        keeps = {m.len_keep for m in maskings}
-        if len(keeps) != 1:
-            raise ValueError(f"cannot batch maskings with different len_keep {sorted(keeps)}")
-        return Masking(torch.cat([m.noise for m in maskings]), keeps.pop())
 
 
 def len_keep_for_ratio(num_patches: int, mask_ratio: float) -> int:

@@ -119,3 +119,79 @@ def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(steps):
 
     asyncio.run(scenario())
     assert sizes == [4]
+
+
+def test_instances_compute_batches_side_by_side_each_with_its_share_of_threads():
+    """MAE_MODEL_INSTANCES=2: two batches compute at once, on two model threads of one torch thread each; with one
+    instance they never overlap."""
+    import threading
+    import time
+
+    def run(instances: int) -> tuple[int, set[str], set[int]]:
+        lock, now, most = threading.Lock(), [0], [0]
+        names: set[str] = set()
+        threads: set[int] = set()
+
+        def spy(e, op, images, masking):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+                names.add(threading.current_thread().name)
+                threads.add(torch.get_num_threads())
+            time.sleep(0.05)  # long enough for the other instance to start its batch
+            with lock:
+                now[0] -= 1
+            return model_thread.forward(e, op, images, masking)
+
+        async def scenario() -> None:
+            engine, entry = _engine(cap=2, max_wait_ms=0, forward=spy)
+            engine.instances = instances
+            engine.start()
+            x = np.zeros((32, 32, 3), np.uint8)
+            await asyncio.gather(*(engine.submit(entry, "embed", x, None) for _ in range(8)))
+            await engine.close(1)
+
+        base = model_thread.run(torch.get_num_threads)
+        model_thread.use_instances(instances, 1 if instances > 1 else base)
+        try:
+            asyncio.run(scenario())
+        finally:
+            model_thread.use_instances(1, base)
+        return most[0], names, threads
+
+    most, names, threads = run(2)
+    assert most == 2 and len(names) == 2 and threads == {1}
+    most, names, _ = run(1)
+    assert most == 1 and len(names) == 1
+
+
+def test_model_instances_setting_wins_and_a_gpu_or_one_thread_gets_one(tmp_path, monkeypatch):
+    from app.serving import instances
+    from app.settings import Settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _, entry = _engine(cap=2, max_wait_ms=0, forward=model_thread.forward)
+    assert instances.choose(Settings(model_instances=3), entry, model_thread.forward, 2, 2)[0] == 3
+    assert instances.choose(Settings(), entry, model_thread.forward, 2, 1) == (1, "one torch thread")
+    gpu = ModelEntry("g", entry.model, "-", "random", "none", torch.device("meta"), torch.float32)
+    assert instances.choose(Settings(), gpu, model_thread.forward, 2, 2) == (1, "the model is on a GPU")
+    assert not list(tmp_path.rglob("instances-*.json"))  # nothing timed, nothing cached
+
+
+def test_model_instances_auto_times_both_and_caches_the_choice(tmp_path, monkeypatch):
+    """auto on a CPU times 1 x 2 threads against 2 x 1 with decoding beside it, keeps the choice, and reads a planted
+    one back instead of timing again."""
+    import json
+
+    from app.serving import instances
+    from app.settings import Settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(instances, "TIMED_S", 0.2)
+    _, entry = _engine(cap=2, max_wait_ms=0, forward=model_thread.forward)
+    n, why = instances.choose(Settings(), entry, model_thread.forward, 2, 2)
+    assert n in (1, 2) and "images/s" in why
+    (cache,) = tmp_path.rglob("instances-*.json")
+    assert json.loads(cache.read_text())["instances"] == n
+    cache.write_text(json.dumps({"instances": 3 - n, "why": "planted"}))
+    assert instances.choose(Settings(), entry, model_thread.forward, 2, 2) == (3 - n, "planted (cached)")

@@ -1,9 +1,10 @@
-"""The dynamic batcher: requests wait in one bounded queue, a worker forms batches and hands them to the model thread.
+"""The dynamic batcher: requests wait in one bounded queue, a worker forms batches and hands them to the model threads.
 
 Items batch together when they share (model, operation, visible-patch count, input size): one forward pass then
-serves them all. While a batch computes, new requests queue up and form the next batch, so under load batches grow
-by themselves; `max_wait_ms` only decides how long a lone partial batch waits for images still being decoded.
-What a batch runs is the `forward` function the engine is given (model_thread.forward; tests give a slow one).
+serves them all. While every model instance computes (one, or MAE_MODEL_INSTANCES side by side), new requests queue
+up and form the next batch, so under load batches grow by themselves; `max_wait_ms` only decides how long a lone
+partial batch waits for images still being decoded. What a batch runs is the `forward` function the engine is given
+(model_thread.forward; tests give a slow one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from app.serving import metrics, model_thread
 from app.serving.errors import ComputeFailed, DeadlineExceeded, EngineError, Overloaded
@@ -75,8 +77,10 @@ class LocalEngine:
         max_wait_ms: float,
         max_queue: int,
         cpu_max_batch_size: int | None = None,
+        instances: int = 1,
     ) -> None:
         self.forward = forward
+        self.instances = instances  # batches computing at once (model_thread.use_instances: as many model threads)
         self.max_batch_size = max_batch_size
         self.cpu_max_batch_size = cpu_max_batch_size or max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -84,12 +88,15 @@ class LocalEngine:
         self._queue: deque[WorkItem] = deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._computing: set[asyncio.Task] = set()
+        self._free: asyncio.Semaphore | None = None  # an instance free to compute a batch
         self._closing = False
         self.in_flight = 0  # items taken from the queue and not yet answered
         self._coming = 0  # images being decoded for this engine: a partial batch waits for these only
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
+        self._free = asyncio.Semaphore(self.instances)
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="mae-engine")
 
     @property
@@ -151,55 +158,71 @@ class LocalEngine:
         self._queue.clear()
         if self._worker:
             self._worker.cancel()
+        for task in self._computing:
+            task.cancel()
         # The model thread is the process's (model_thread), not this engine's: it stays for a next app (tests).
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Take a free instance, then the next batch (what queued while every instance was busy forms it), and
+        compute it beside the others."""
+        assert self._free is not None
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = await self._form_batch()
-            if not batch:
-                continue
-            self.in_flight += len(batch)
+            await self._free.acquire()
             try:
-                start = time.monotonic()
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                batch = await self._form_batch()
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._compute(batch))
+            self._computing.add(task)
+            task.add_done_callback(self._computing.discard)
+
+    async def _compute(self, batch: list[WorkItem]) -> None:
+        assert self._free is not None
+        self.in_flight += len(batch)
+        try:
+            start = time.monotonic()
+            for it in batch:
+                metrics.QUEUE_WAIT.observe(start - it.enqueued)
+            first = batch[0]
+            # One key, one len_keep: the batch's noise is its items' rows.
+            masking = (
+                Masking(torch.cat([it.masking.noise for it in batch if it.masking]), first.masking.len_keep)
+                if first.masking
+                else None
+            )
+            try:
+                results = await model_thread.compute_batch(
+                    self.forward, first.entry, first.op, [it.image for it in batch], masking
+                )
+            except Exception as e:  # answer every item; the engine itself keeps running
+                err: EngineError
+                if isinstance(e, OutOfMemory):  # expected (out of memory even at batch 1): no traceback
+                    log.warning("batch of %d refused: %s", len(batch), e)
+                    err = Overloaded(str(e))
+                else:
+                    log.exception("batch of %d failed", len(batch))
+                    err = ComputeFailed(f"{type(e).__name__}: {e}")
                 for it in batch:
-                    metrics.QUEUE_WAIT.observe(start - it.enqueued)
-                first = batch[0]
-                masking = Masking.cat([it.masking for it in batch if it.masking is not None]) if first.masking else None
-                try:
-                    results = await loop.run_in_executor(
-                        model_thread.executor(),
-                        model_thread.compute,
-                        self.forward,
-                        first.entry,
-                        first.op,
-                        [it.image for it in batch],
-                        masking,
-                    )
-                except Exception as e:  # answer every item; the engine itself keeps running
-                    err: EngineError
-                    if isinstance(e, OutOfMemory):  # expected (out of memory even at batch 1): no traceback
-                        log.warning("batch of %d refused: %s", len(batch), e)
-                        err = Overloaded(str(e))
-                    else:
-                        log.exception("batch of %d failed", len(batch))
-                        err = ComputeFailed(f"{type(e).__name__}: {e}")
-                    for it in batch:
-                        if not it.future.done():
-                            it.future.set_exception(err)
-                    continue
-                metrics.COMPUTE_TIME.labels(first.op).observe(time.monotonic() - start)
-                metrics.BATCH_SIZE.labels(first.op).observe(len(batch))
-                metrics.IMAGES.labels(first.op).inc(len(batch))
-                for it, res in zip(batch, results, strict=True):
-                    if not it.future.done():  # the client may have gone away
-                        it.future.set_result(res)
-            finally:
-                self.in_flight -= len(batch)
+                    if not it.future.done():
+                        it.future.set_exception(err)
+                return
+            metrics.COMPUTE_TIME.labels(first.op).observe(time.monotonic() - start)
+            metrics.BATCH_SIZE.labels(first.op).observe(len(batch))
+            metrics.IMAGES.labels(first.op).inc(len(batch))
+            for it, res in zip(batch, results, strict=True):
+                if not it.future.done():  # the client may have gone away
+                    it.future.set_result(res)
+        finally:
+            self.in_flight -= len(batch)
+            self._free.release()
 
     async def _form_batch(self) -> list[WorkItem]:
         """Take the oldest item and every queued item with its key, up to the model's batch cap (`cap`).

@@ -1,14 +1,19 @@
-"""Where every batch runs: the process's one model thread, and what it does with a batch.
+"""Where every batch runs: the process's model threads, and what each does with a batch.
 
-Loading, warm-up and every batch run on this thread, and nowhere else runs torch ops big enough to go parallel
-(image conversions are numpy). Why one: PyTorch's OpenMP on Linux (libgomp) gives every thread that starts a
-parallel region its own worker threads, and once the process holds more of those than CPUs, libgomp stops letting
-idle workers spin: they sleep and are woken for each of the thousands of parallel regions of a forward pass, which
-makes every forward pass in any thread but the first to go parallel measurably slower (BENCHMARKS.md).
+Loading and warm-up run on the one model thread, and so does every batch unless the model runs as several
+instances (`use_instances`: MAE_MODEL_INSTANCES, app.serving.instances); nowhere else runs torch ops big enough to
+go parallel (image conversions are numpy). Why so few: PyTorch's OpenMP on Linux (libgomp) gives every thread that
+starts a parallel region its own worker threads, and once the process holds more of those than CPUs, libgomp stops
+letting idle workers spin: they sleep and are woken for each of the thousands of parallel regions of a forward pass,
+which makes every forward pass in any thread but the first to go parallel measurably slower (BENCHMARKS.md). So N
+instances share the torch threads: N threads with T / N OpenMP threads each, never more than T in all. One
+instance per torch thread runs no parallel region at all: no team waits at a barrier for a thread whose core is
+decoding an image.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -33,7 +38,8 @@ Forward = Callable[[ModelEntry, Op, torch.Tensor, Masking | None], list[Result]]
 T = TypeVar("T")
 
 _executor: ThreadPoolExecutor | None = None
-_ident: int | None = None
+_shape: tuple[int, int] | None = None  # (instances, torch threads each) once `use_instances` set it
+_idents: set[int] = set()
 _lock = threading.Lock()
 
 
@@ -41,13 +47,15 @@ class OutOfMemory(RuntimeError):
     """The model ran out of memory on a single image: nothing smaller to try."""
 
 
-def _mark() -> None:
-    global _ident
-    _ident = threading.get_ident()
+def _mark(threads: int | None = None) -> None:
+    _idents.add(threading.get_ident())
+    if threads is not None:
+        torch.set_num_threads(threads)  # this thread's OpenMP team (libgomp keeps the count per thread)
 
 
 def executor() -> ThreadPoolExecutor:
-    """The one model thread (created on first use; it lives as long as the process)."""
+    """The model threads: one until `use_instances` says more (created on first use; they live as long as the
+    process)."""
     global _executor
     with _lock:
         if _executor is None:
@@ -55,8 +63,25 @@ def executor() -> ThreadPoolExecutor:
         return _executor
 
 
+def use_instances(n: int, threads_each: int) -> None:
+    """From now on batches run on `n` model threads with `threads_each` torch threads each. The thread that loaded
+    the model ends (and its OpenMP workers with it) once what it is running is done."""
+    global _executor, _shape
+    if _shape == (n, threads_each) or (_shape is None and n == 1 and run(torch.get_num_threads) == threads_each):
+        _shape = (n, threads_each)  # already so: the loading thread goes on
+        return
+    waiting = not on_model_thread()
+    with _lock:
+        old = _executor
+        _idents.clear()
+        _executor = ThreadPoolExecutor(n, thread_name_prefix="mae-model", initializer=_mark, initargs=(threads_each,))
+        _shape = (n, threads_each)
+    if old is not None:
+        old.shutdown(wait=waiting)
+
+
 def on_model_thread() -> bool:
-    return threading.get_ident() == _ident
+    return threading.get_ident() in _idents
 
 
 def run(fn: Callable[..., T], *args: object) -> T:
@@ -86,6 +111,13 @@ def forward(entry: ModelEntry, op: Op, images: torch.Tensor, masking: Masking | 
             return list(entry.model.encode(x, masking).unbatch())
         assert masking is not None, "a reconstruction needs a masking"
         return list(entry.model.reconstruct(x, masking).unbatch())
+
+
+async def compute_batch(
+    fwd: Forward, entry: ModelEntry, op: Op, images: list[np.ndarray], masking: Masking | None
+) -> list[Result]:
+    """`compute` on a model thread, awaited (the engine's one call per batch)."""
+    return await asyncio.get_running_loop().run_in_executor(executor(), compute, fwd, entry, op, images, masking)
 
 
 def compute(

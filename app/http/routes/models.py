@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from app.http.auth import require_api_key
 from app.http.readiness import get_service
 from app.http.schemas import ErrorBody, ModelInfo, ModelList, ServerLimits
-from app.serving import cpus
+from app.serving import cpus, instances
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -27,4 +27,7 @@ async def list_models(service: Annotated[Service, Depends(get_service)]) -> Mode
     limits = ServerLimits(
         max_images_per_request=s.max_images_per_request, max_queue=s.max_queue, max_body_bytes=s.max_body_bytes
     )
-    return ModelList(default=registry.default, models=models, limits=limits, runtime=cpus.runtime_report())
+    runtime = cpus.runtime_report()
+    if instances.REPORT:  # this process runs the model (an HTTP worker's is the model process's)
+        runtime = {**runtime, "model_instances": dict(instances.REPORT)}
+    return ModelList(default=registry.default, models=models, limits=limits, runtime=runtime)
