@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="null")
     ap.add_argument("--variant", action="append", help="NAME:K=V,K=V (repeatable)")
+    ap.add_argument("--out", help="results file name (default runtime_env_<model>)")
     add_load_arguments(ap)
     args = ap.parse_args()
     variants = dict(parse_variant(v) for v in (args.variant or ["mae-serve:", "libgomp spin:GOMP_SPINCOUNT=300000"]))
@@ -54,8 +55,8 @@ def main() -> None:
     cols = [("variant", "variant", ""), ("route", "route", ""), ("images_per_s", "images/s", ".1f"),
             ("server_cpu_ms_per_image", "server CPU ms/image", ".2f")]  # fmt: skip
     print(table(rows, cols))
-    write_json(f"runtime_env_{args.model}", {"benchmark": "runtime_env", "machine": machine(), "model": args.model,
-                                             "rows": rows, "runs": runs})  # fmt: skip
+    result = {"benchmark": "runtime_env", "machine": machine(), "model": args.model, "rows": rows, "runs": runs}
+    write_json(args.out or f"runtime_env_{args.model}", result)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,7 @@ async def main():
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
     entry = svc.model(None)
     mask = pipeline.MaskSpec(ratio=0.0, seed=0)
-    one = lambda b: pipeline.embed(svc, entry, b, mask, "squash", None)
-    done = await pipeline.each_image([buf.getvalue()] * 2, one)
+    done = await pipeline.each_image(pipeline.embed(svc, entry, b, mask, "squash", None) for b in [buf.getvalue()] * 2)
     await svc.engine.close(1.0)
     return done
 

@@ -112,8 +112,8 @@ def test_images_of_one_request_make_one_batch_whichever_is_decoded_last(steps):
         service = SimpleNamespace(settings=Settings(), engine=engine, io_pool=pool)
         mask = pipeline.MaskSpec(ratio=0.0, seed=0)
         await pipeline.each_image(
-            pngs,
-            lambda b: pipeline.embed(service, entry, b, mask, "squash", None),  # type: ignore[arg-type]
+            pipeline.embed(service, entry, b, mask, "squash", None)  # type: ignore[arg-type]
+            for b in pngs
         )
         await engine.close(1)
 

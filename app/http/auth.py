@@ -8,13 +8,18 @@ import hmac
 from fastapi import Request
 
 from app.http.errors import APIError
-from app.http.readiness import get_readiness
+from app.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    # The keys are settings, there from the start: no need to ask readiness (app.http.readiness) for them.
+    return request.app.state.readiness.settings
 
 
 async def require_api_key(request: Request) -> None:
     """With MAE_API_KEYS set, every /v1 and /v2 route needs `Authorization: Bearer <key>`. (async: FastAPI would run a
     plain function dependency in a worker thread, a hop per request for microseconds of work.)"""
-    check_bearer(get_readiness(request).settings.api_key_list, request.headers.get("authorization", ""))
+    check_bearer(_settings(request).api_key_list, request.headers.get("authorization", ""))
 
 
 def check_bearer(keys: list[str], authorization: str) -> None:
@@ -38,5 +43,5 @@ def check_bearer(keys: list[str], authorization: str) -> None:
 
 async def require_metrics_key(request: Request) -> None:
     """/metrics is open (scrapers) unless MAE_METRICS_REQUIRE_KEY=true, then it takes the /v1 API keys."""
-    if get_readiness(request).settings.metrics_require_key:
+    if _settings(request).metrics_require_key:
         await require_api_key(request)

@@ -103,10 +103,8 @@ async def embeddings(request: Request, service: Annotated[Service, Depends(get_s
         )
         images = _all_or_first_error(per_image(got, s.retry_after_s))
 
-    def one(data: bytes) -> Any:
-        return pipeline.embed(service, entry, data, mask, req.resize, deadline)
-
-    results = _all_or_first_error(per_image(await pipeline.each_image(images, one), s.retry_after_s))
+    answers = [pipeline.embed(service, entry, data, mask, req.resize, deadline) for data in images]
+    results = _all_or_first_error(per_image(await pipeline.each_image(answers), s.retry_after_s))
     return _answer(results, pooling, req.encoding_format, entry.name)
 
 

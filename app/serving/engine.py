@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,12 +33,49 @@ log = logging.getLogger("mae.engine")
 class Engine(Protocol):
     """What the pipeline needs of an engine: this one, or app.serving.remote.RemoteEngine in an HTTP worker."""
 
+    async def run(
+        self, entry: ModelEntry, ops: tuple[Op, ...], prepared: Awaitable[Prepared], deadline: float | None
+    ) -> tuple[np.ndarray, list[Result]]: ...
     def submit(
         self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
     ) -> asyncio.Future[Result]: ...
     def expecting(self) -> contextlib.AbstractContextManager[None]: ...
     def cap(self, entry: ModelEntry) -> int: ...
     async def close(self, timeout: float) -> None: ...
+
+
+Prepared = tuple[np.ndarray, list[Masking | None]]  # an image as the model takes it, and each op's masking
+
+
+class Submitting:
+    """`run`, the pipeline's one call, written once over an engine's `expecting` and `submit`."""
+
+    def submit(
+        self, entry: ModelEntry, op: Op, image: np.ndarray, masking: Masking | None, deadline: float | None = None
+    ) -> asyncio.Future[Result]:
+        raise NotImplementedError
+
+    def expecting(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    async def run(
+        self, entry: ModelEntry, ops: tuple[Op, ...], prepared: Awaitable[Prepared], deadline: float | None
+    ) -> tuple[np.ndarray, list[Result]]:
+        """Wait for the image being `prepared` (decoding: meanwhile a partial batch waits for it), then one
+        submission per op, side by side (they may share batches with others); the image and each op's result."""
+        answers: list[asyncio.Future[Result]] = []
+        try:
+            # Entered before the caller's first await: the batcher cannot run between the decode starting and this.
+            # Until the image is queued, a partial batch may wait for it: `submit` queues before it returns.
+            with self.expecting():
+                image, maskings = await prepared
+                for op, m in zip(ops, maskings, strict=True):
+                    answers.append(self.submit(entry, op, image, m, deadline))
+            return image, list(await asyncio.gather(*answers))
+        except BaseException:
+            for a in answers:  # a second op was refused (queue full): the first would be computed for no one
+                a.cancel(msg="refused")
+            raise
 
 
 def _cancel_reason(future: asyncio.Future[Result]) -> str:
@@ -68,7 +105,7 @@ class WorkItem:
         return (self.entry.name, self.op, keep, tuple(self.image.shape))
 
 
-class LocalEngine:
+class LocalEngine(Submitting):
     def __init__(
         self,
         forward: Forward = model_thread.forward,

@@ -9,7 +9,7 @@ answer each; the front-ends give it its status.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -137,22 +137,11 @@ async def _run(
     resize: ResizeMode,
     deadline: float | None,
 ) -> tuple[np.ndarray, list[Result]]:
-    """Decode once, then one engine submission per op (side by side: they may share batches with others)."""
-    s, c = service.settings, entry.config
-    answers: list[asyncio.Future[Result]] = []
-    try:
-        # Until this image is queued, a partial batch may wait for it (engine.py): `submit` queues before it returns.
-        with service.engine.expecting():
-            image, maskings = await asyncio.get_running_loop().run_in_executor(
-                service.io_pool, _prepare, data, c, mask, ops, resize, s
-            )
-            for op, m in zip(ops, maskings, strict=True):
-                answers.append(service.engine.submit(entry, op, image, m, deadline))
-        return image, list(await asyncio.gather(*answers))
-    except BaseException:
-        for a in answers:  # a second op was refused (queue full): the first would be computed for no one
-            a.cancel(msg="refused")
-        raise
+    """Decode once (in the I/O pool, started here), then the engine runs each op on it."""
+    prepared = asyncio.get_running_loop().run_in_executor(
+        service.io_pool, _prepare, data, entry.config, mask, ops, resize, service.settings
+    )
+    return await service.engine.run(entry, ops, prepared, deadline)
 
 
 def _prepare(
@@ -173,9 +162,10 @@ def prepare_image(data: bytes, size: int, resize: ResizeMode, s: Settings) -> np
     return imaging.load(data, size, resize, s.max_image_pixels, min_side=draft, max_jpeg_scans=s.max_jpeg_scans)
 
 
-async def each_image(images: list[bytes], one: Callable[[bytes], Awaitable[T]]) -> list[T | ServingError]:
-    """Run `one` on every image concurrently (so they can share a batch); refusals stay per image."""
-    results = await asyncio.gather(*(one(b) for b in images), return_exceptions=True)
+async def each_image(answers: Iterable[Awaitable[T]]) -> list[T | ServingError]:
+    """Await one answer per image (`reconstruct(...)`, `embed(...)` for each), concurrently so they can share a
+    batch; refusals stay per image."""
+    results = await asyncio.gather(*answers, return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException) and not isinstance(r, ServingError):
             raise r

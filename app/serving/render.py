@@ -51,6 +51,16 @@ def all_views(r: ReconstructAnswer) -> dict[View, np.ndarray]:
     return views
 
 
+def png(r: ReconstructAnswer, name: View) -> bytes:
+    """One view as PNG (a PNG answer)."""
+    return encode_png(view(r, name))
+
+
+def pngs(r: ReconstructAnswer) -> dict[View, bytes]:
+    """Every view as PNG (a JSON answer)."""
+    return {k: encode_png(v) for k, v in all_views(r).items()}
+
+
 def patchify(image: np.ndarray, p: int) -> np.ndarray:
     """(H, W, C) -> (L, p*p*C), a copy, in the model's patch order (rows of patches, each row by row, channels last)."""
     h, w, c = image.shape

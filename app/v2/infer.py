@@ -39,16 +39,16 @@ async def infer(service: Service, entry: ModelEntry, req: Request, deadline: flo
     embeds: list[EmbedAnswer] = []
     if plan.pixels and plan.embed:  # both passes: one decode per image, its two submissions side by side
         pairs = _all_or_error(await pipeline.each_image(
-            req.images, lambda b: pipeline.reconstruct_and_embed(service, entry, b, mask, p.resize, deadline)
+            [pipeline.reconstruct_and_embed(service, entry, b, mask, p.resize, deadline) for b in req.images]
         ), retry)  # fmt: skip
         recons, embeds = [r for r, _ in pairs], [e for _, e in pairs]
     elif plan.pixels:
         recons = _all_or_error(await pipeline.each_image(
-            req.images, lambda b: pipeline.reconstruct(service, entry, b, mask, p.resize, deadline)
+            [pipeline.reconstruct(service, entry, b, mask, p.resize, deadline) for b in req.images]
         ), retry)  # fmt: skip
     else:
         embeds = _all_or_error(await pipeline.each_image(
-            req.images, lambda b: pipeline.embed(service, entry, b, mask, p.resize, deadline)
+            [pipeline.embed(service, entry, b, mask, p.resize, deadline) for b in req.images]
         ), retry)  # fmt: skip
     outputs = await asyncio.get_running_loop().run_in_executor(
         service.io_pool, assemble, plan, embeds, recons, p.dtype == "FP16", entry.config.num_patches

@@ -56,7 +56,7 @@ async def embed(
         pipeline.require_cls(call.model)  # before any image is decoded or run
     results = per_image(
         await pipeline.each_image(
-            call.images, lambda b: pipeline.embed(service, call.model, b, call.mask, p.resize, call.deadline)
+            [pipeline.embed(service, call.model, b, call.mask, p.resize, call.deadline) for b in call.images]
         ),
         service.settings.retry_after_s,
     )

@@ -44,7 +44,7 @@ async def reconstruct(
         raise APIError(422, "bad_parameter", "format=png answers one image; use format=json for several")
     results = per_image(
         await pipeline.each_image(
-            call.images, lambda b: pipeline.reconstruct(service, call.model, b, call.mask, p.resize, call.deadline)
+            [pipeline.reconstruct(service, call.model, b, call.mask, p.resize, call.deadline) for b in call.images]
         ),
         service.settings.retry_after_s,
     )
@@ -54,7 +54,7 @@ async def reconstruct(
         r = results[0]
         if isinstance(r, APIError):
             raise r
-        png = await loop.run_in_executor(service.io_pool, lambda: render.encode_png(render.view(r, p.view)))
+        png = await loop.run_in_executor(service.io_pool, render.png, r, p.view)
         return Response(png, media_type="image/png", headers={**sha, **answer_headers(r, p.view)})
 
     async def body(x: ReconstructAnswer | APIError) -> dict[str, Any] | APIError:
@@ -66,7 +66,7 @@ async def reconstruct(
 
 def _json(r: ReconstructAnswer) -> dict[str, Any]:
     """The JSON answer (ReconstructResult): every view as base64 PNG, the mask, masked-patch MSE and PSNR."""
-    views = render.all_views(r)
+    pngs = render.pngs(r)
     return {
         "model": r.model.name,
         "seed": r.seed,
@@ -76,5 +76,5 @@ def _json(r: ReconstructAnswer) -> dict[str, Any]:
         "mask": r.mask_indices,
         "mse": r.out.mse,
         "psnr": r.out.psnr,
-        "images": {k: base64.b64encode(render.encode_png(views[k])).decode("ascii") for k in render.VIEWS},
+        "images": {k: base64.b64encode(pngs[k]).decode("ascii") for k in render.VIEWS},
     }

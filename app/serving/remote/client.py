@@ -16,6 +16,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from app.serving.engine import Submitting
 from app.serving.errors import ComputeFailed, Overloaded
 from app.serving.model_thread import Op, Result
 from app.serving.registry import DTYPES, ModelEntry, Registry
@@ -24,7 +25,7 @@ from app.serving.remote.wire import ERRORS, unpack, work
 from model.masking import Masking
 
 
-class RemoteEngine:
+class RemoteEngine(Submitting):
     """The worker's engine: the same `submit` as app.serving.engine.LocalEngine, answered by the model process."""
 
     def __init__(self, address: str) -> None:
