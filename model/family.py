@@ -11,9 +11,9 @@ from functools import cached_property
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
-from einops import rearrange
 from torch import nn
 
+import model.patches as layout
 from model.masking import Masking
 from model.outputs import EncodeBatch, ReconstructBatch
 
@@ -120,20 +120,12 @@ class PatchModel(nn.Module, Generic[C]):
         return self.config.patch_size
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened row by row, channels last (the official order)."""
-        p = self.patch_size
-        # Channels last first: then each patch row is one contiguous run of p*C values to copy, not p*C strided ones
-        # (BENCHMARKS.md). The same values: only data moves.
-        nhwc = imgs.permute(0, 2, 3, 1).contiguous()
-        return rearrange(nhwc, "n (h p) (w q) c -> n (h w) (p q c)", p=p, q=p)
+        """(N, C, H, W) -> (N, L, p*p*C) in the official order (model.patches)."""
+        return layout.patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(N, L, p*p*C) -> (N, C, H, W). A square grid is assumed when none is given."""
-        p = self.patch_size
-        if grid is None:
-            side = int(round(x.shape[1] ** 0.5))
-            grid = (side, side)
-        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
+        """(N, L, p*p*C) -> (N, C, H, W) (model.patches); a square grid when none is given."""
+        return layout.unpatchify(x, self.patch_size, grid)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> the model's input space."""

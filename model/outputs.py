@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from einops import rearrange
+
+from model.patches import unpatchify
 
 MSE_FLOOR = 1e-10
 PSNR_CAP_DB = 10.0 * math.log10(1.0 / MSE_FLOOR)  # 100 dB
@@ -108,9 +109,8 @@ class ReconstructBatch:
     def patch_size(self) -> int:
         return self.images.shape[-1] // self.grid[1]
 
-    def _image(self, patches: torch.Tensor) -> torch.Tensor:
-        p, (h, w) = self.patch_size, self.grid
-        return rearrange(patches, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.grid)
 
     @property
     def reconstruction(self) -> torch.Tensor:
