@@ -1,5 +1,5 @@
-"""The engine: CPU batch caps, a lone request never waits, one model thread, and one request's images in one batch
-whatever order their decodes finish in."""
+"""The engine: CPU batch caps, a lone request never waits, one model thread (or model instances side by side), and one
+request's images in one batch whatever order their decodes finish in."""
 
 from __future__ import annotations
 
