@@ -67,7 +67,7 @@ def fidelity(weights: str, pics: list[tuple[str, bytes]]) -> dict[str, Any]:
     fp32 = load(weights).model.eval()
     bf16 = load(weights).model.to(torch.bfloat16).eval()
     c = fp32.config
-    images = torch.from_numpy(np.stack([imaging.preprocess(imaging.decode(d, 10**8), c.img_size) for _, d in pics]))
+    images = torch.from_numpy(np.stack([imaging.load(d, c.img_size, "squash", 10**8) for _, d in pics]))
     entries = {d: ModelEntry("m", m, "", "", "", torch.device("cpu"), d) for d, m in
                ((torch.float32, fp32), (torch.bfloat16, bf16))}  # fmt: skip
     emb = {d: model_thread.forward(e, "embed", images, None) for d, e in entries.items()}

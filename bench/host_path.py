@@ -247,7 +247,7 @@ def pipeline_ceiling(
         with ThreadPoolExecutor(2) as pool:
 
             def prep(data: bytes) -> Any:
-                return imaging.preprocess(imaging.decode(data, 10**9), c.img_size)
+                return imaging.load(data, c.img_size, "squash", 10**9)
 
             def encode(r: Any, image: Any) -> bytes:
                 if op == "embed":

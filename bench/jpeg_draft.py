@@ -22,8 +22,7 @@ from bench.common import PHOTOS, machine, median, median_seconds, table, write_j
 
 
 def model_input(data: bytes, size: int, draft: bool) -> np.ndarray:
-    im = imaging.decode(data, 10**9, min_side=size if draft else None)
-    return imaging.preprocess(im, size, "squash")
+    return imaging.load(data, size, "squash", 10**9, min_side=size if draft else None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -122,5 +122,4 @@ def decode_preprocess(
                 return preprocess(pixels, size, mode).cpu().numpy()
         except RuntimeError:
             pass  # the CPU path below decodes it, or says what is wrong with it
-    rgb = imaging.decode(data, max_pixels, max_jpeg_scans=max_jpeg_scans)
-    return imaging.preprocess(rgb, size, mode)
+    return imaging.load(data, size, mode, max_pixels, max_jpeg_scans=max_jpeg_scans)

@@ -46,20 +46,20 @@ async def start(settings: Settings, forward: Forward, io_pool: ThreadPoolExecuto
     loop = asyncio.get_running_loop()
     registry = await loop.run_in_executor(model_thread.executor(), Registry.from_settings, settings)
     check_pins(registry, settings.weight_pins())
-    if settings.warmup:
-        try:
-            await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
-        except Exception as e:
-            raise ModelLoadError(warm_up_failure(e, settings, registry)) from e
-    n = await loop.run_in_executor(None, start_instances, settings, registry, forward)
     engine = LocalEngine(
         forward,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
         cpu_max_batch_size=settings.cpu_max_batch_size,
-        instances=n,
     )
+    if settings.warmup:
+        try:
+            await loop.run_in_executor(model_thread.executor(), warm_up, forward, registry, settings.max_batch_size)
+        except Exception as e:
+            raise ModelLoadError(warm_up_failure(e, settings, registry)) from e
+    entry = registry.get(None)
+    engine.instances = await loop.run_in_executor(None, start_instances, settings, entry, forward, engine.cap(entry))
     engine.start()
     log.info("ready in %.2f s: %s", time.perf_counter() - t0, ", ".join(registry.entries))
     return Service(settings, registry, engine, io_pool)
@@ -76,12 +76,11 @@ async def start_remote(settings: Settings, address: str, io_pool: ThreadPoolExec
     return Service(settings, registry, engine, io_pool)
 
 
-def start_instances(settings: Settings, registry: Registry, forward: Forward) -> int:
-    """MAE_MODEL_INSTANCES chosen (app.serving.instances: timed on the default model where `auto`, and only after a
-    warm-up: MAE_WARMUP=0 starts one) and the model threads made to match; returns how many."""
+def start_instances(settings: Settings, entry: ModelEntry, forward: Forward, cap: int) -> int:
+    """MAE_MODEL_INSTANCES chosen (app.serving.instances: timed on `entry`, the default model, at its batch `cap`
+    where `auto`, and only after a warm-up: MAE_WARMUP=0 starts one) and the model threads made to match; returns
+    how many."""
     threads = model_thread.run(torch.get_num_threads)
-    entry = registry.get(None)
-    cap = min(settings.max_batch_size, settings.cpu_max_batch_size)
     if settings.model_instances or settings.warmup:
         n, why = instances.choose(settings, entry, forward, cap, threads)
     else:
